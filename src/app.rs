@@ -1,0 +1,123 @@
+//! The state shared by every request handler of one server.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Verifier;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::TicketStore;
+
+/// What `/readyz` checks.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pub store_recovered: AtomicBool,
+    pub listener_bound: AtomicBool,
+}
+
+pub struct AppState {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub store: Arc<dyn TicketStore>,
+    pub metrics: Arc<Metrics>,
+    pub clock: SharedClock,
+    pub rng: SystemRandom,
+    /// Ticket requests per subject per minute.
+    pub ticket_limiter: DefaultKeyedRateLimiter<String>,
+    pub readiness: Readiness,
+    /// Cancelled when the server starts shutting down; open WebSockets
+    /// watch it to send their close frame.
+    pub shutdown: CancellationToken,
+    /// Tracks the tasks of open WebSockets, so shutdown can wait for them.
+    pub connections: TaskTracker,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        verifier: Verifier,
+        store: Arc<dyn TicketStore>,
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+    ) -> Self {
+        let per_minute = NonZeroU32::new(config.rate_limit_per_minute).unwrap_or(NonZeroU32::MIN);
+        AppState {
+            ticket_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            config,
+            verifier,
+            store,
+            metrics,
+            clock,
+            rng: SystemRandom::new(),
+            readiness: Readiness::default(),
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        }
+    }
+
+    /// Returns a new request id: 16 random hex characters.
+    pub fn new_request_id(&self) -> String {
+        let mut bytes = [0u8; 8];
+        // SystemRandom only fails when the OS has no randomness at all; an
+        // all-zero request id is then still a usable, if unhelpful, id.
+        let _ = self.rng.fill(&mut bytes);
+        hex::encode(bytes)
+    }
+
+    /// Returns the client's `X-Request-Id` when it is a sane value (1 to 64
+    /// characters of `[A-Za-z0-9._:-]`), otherwise a new one.
+    pub fn request_id(&self, headers: &http::HeaderMap) -> String {
+        headers
+            .get("x-request-id")
+            .and_then(|value| value.to_str().ok())
+            .filter(|id| {
+                !id.is_empty()
+                    && id.len() <= 64
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.new_request_id())
+    }
+
+    pub fn is_ready(&self) -> ReadyReport {
+        ReadyReport {
+            keys_loaded: self.verifier.keys().has_keys(),
+            store_recovered: self.readiness.store_recovered.load(Ordering::Acquire),
+            listener_bound: self.readiness.listener_bound.load(Ordering::Acquire),
+        }
+    }
+
+    /// Tells whether an `Origin` may call the server: any Origin when no list
+    /// is configured, otherwise only listed ones.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.config.allowed_origins.is_empty()
+            || self
+                .config
+                .allowed_origins
+                .iter()
+                .any(|allowed| allowed.eq_ignore_ascii_case(origin))
+    }
+}
+
+/// The result of the readiness checks.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ReadyReport {
+    pub keys_loaded: bool,
+    pub store_recovered: bool,
+    pub listener_bound: bool,
+}
+
+impl ReadyReport {
+    pub fn ready(&self) -> bool {
+        self.keys_loaded && self.store_recovered && self.listener_bound
+    }
+}

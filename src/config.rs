@@ -1,0 +1,456 @@
+//! Command-line flags and environment variables, turned into one validated
+//! [`Config`].
+//!
+//! Every `serve` flag can also be set as `WSTICKET_<FLAG>` (for example
+//! `WSTICKET_JWKS_URL`); repeatable flags take a comma-separated list there.
+//! Validation happens once, here, so the rest of the server works with typed
+//! values and a bad value is reported at start naming the flag and the value.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use jsonwebtoken::Algorithm;
+use url::Url;
+
+/// Largest bearer token accepted, in bytes. Keycloak and Entra ID tokens that
+/// carry many roles reach 16 KiB.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wsticket",
+    version,
+    about = "Trades JWTs for single-use WebSocket tickets"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the ticket server.
+    Serve(Box<ServeArgs>),
+    /// Walk a client through JWT -> ticket -> WebSocket on this machine, with a
+    /// throwaway key pair and a temporary data directory.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Profile {
+    Dev,
+    Staging,
+    Prod,
+}
+
+impl Profile {
+    pub fn default_ticket_ttl(self) -> Duration {
+        match self {
+            Profile::Dev => Duration::from_secs(60),
+            Profile::Staging | Profile::Prod => Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+const DEFAULT_ALGORITHMS: &str = "RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA";
+
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("jwks").required(true).args(["jwks_url", "jwks_file"])))]
+pub struct ServeArgs {
+    /// Address of the public listener (ticket endpoint and WebSocket upgrade).
+    #[arg(long, env = "WSTICKET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin listener (/metrics, /healthz, /readyz).
+    #[arg(long, env = "WSTICKET_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// URL of the identity provider's JWKS, fetched at start and refreshed.
+    #[arg(long, env = "WSTICKET_JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Path of a JWKS file, read at start and reread on the refresh schedule.
+    #[arg(long, env = "WSTICKET_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// Accepted `iss` claim; repeat for several. A token must match one.
+    #[arg(
+        long = "issuer",
+        env = "WSTICKET_ISSUER",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub issuers: Vec<String>,
+
+    /// Accepted `aud` value; repeat for several. A token must contain one.
+    #[arg(
+        long = "audience",
+        env = "WSTICKET_AUDIENCE",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub audiences: Vec<String>,
+
+    /// Allowed JWS algorithms, comma-separated.
+    #[arg(long, env = "WSTICKET_ALGORITHMS", default_value = DEFAULT_ALGORITHMS, value_delimiter = ',')]
+    pub algorithms: Vec<String>,
+
+    /// Clock skew allowed on exp, nbf and iat (for example 30s).
+    #[arg(long, env = "WSTICKET_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub leeway: Duration,
+
+    /// Deployment profile; sets defaults such as the ticket TTL.
+    #[arg(long, env = "WSTICKET_PROFILE", value_enum, default_value_t = Profile::Prod)]
+    pub profile: Profile,
+
+    /// Ticket lifetime (for example 30s or 2m); overrides the profile's.
+    #[arg(long, env = "WSTICKET_TICKET_TTL", value_parser = humantime::parse_duration)]
+    pub ticket_ttl: Option<Duration>,
+
+    /// How long an expired ticket is remembered, so it is reported as
+    /// ticket_expired rather than invalid_ticket.
+    #[arg(long, env = "WSTICKET_EXPIRED_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub expired_grace: Duration,
+
+    /// Directory of the embedded ticket store.
+    #[arg(long, env = "WSTICKET_DATA_DIR", default_value = "./wsticket-data")]
+    pub data_dir: PathBuf,
+
+    /// Tickets per user (JWT sub) per minute.
+    #[arg(long, env = "WSTICKET_RATE_LIMIT", default_value_t = 60)]
+    pub rate_limit: u32,
+
+    /// Origin allowed to call the ticket endpoint (CORS) and to open WebSockets;
+    /// repeat for several. Unset: no CORS, and any Origin may upgrade.
+    #[arg(
+        long = "allowed-origin",
+        env = "WSTICKET_ALLOWED_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Log output format.
+    #[arg(long, env = "WSTICKET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+
+    /// Realm named in WWW-Authenticate challenges.
+    #[arg(long, env = "WSTICKET_REALM")]
+    pub realm: Option<String>,
+
+    /// Minimum time between two JWKS fetches caused by unknown key ids.
+    #[arg(long, env = "WSTICKET_JWKS_REFETCH_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwks_refetch_interval: Duration,
+
+    /// Shortest background refresh interval, whatever Cache-Control says.
+    #[arg(long, env = "WSTICKET_JWKS_REFRESH_MIN", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub jwks_refresh_min: Duration,
+
+    /// Longest background refresh interval, whatever Cache-Control says.
+    #[arg(long, env = "WSTICKET_JWKS_REFRESH_MAX", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub jwks_refresh_max: Duration,
+
+    /// Timeout of one JWKS fetch, connection included.
+    #[arg(long, env = "WSTICKET_JWKS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub jwks_timeout: Duration,
+
+    /// Largest WebSocket message accepted from a client, in bytes.
+    #[arg(long, env = "WSTICKET_MAX_MESSAGE_SIZE", default_value_t = 1024 * 1024)]
+    pub max_message_size: usize,
+
+    /// Interval of the server's keepalive pings on open WebSockets.
+    #[arg(long, env = "WSTICKET_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Log format of the embedded server's output (hidden unless --verbose).
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// Where the verification keys come from.
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    Url(Url),
+    File(PathBuf),
+}
+
+/// The validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub jwks: JwksSource,
+    pub issuers: Vec<String>,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway: Duration,
+    pub ticket_ttl: Duration,
+    pub expired_grace: Duration,
+    pub data_dir: PathBuf,
+    pub rate_limit_per_minute: u32,
+    pub allowed_origins: Vec<String>,
+    pub log_format: LogFormat,
+    pub realm: Option<String>,
+    pub jwks_refetch_interval: Duration,
+    pub jwks_refresh_min: Duration,
+    pub jwks_refresh_max: Duration,
+    pub jwks_timeout: Duration,
+    pub max_message_size: usize,
+    pub ping_interval: Duration,
+}
+
+/// A flag value that failed validation.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value {value:?} for --{flag}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+fn invalid(flag: &'static str, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
+        let jwks = match (args.jwks_url, args.jwks_file) {
+            (Some(raw), None) => JwksSource::Url(parse_jwks_url(&raw)?),
+            (None, Some(path)) => JwksSource::File(path),
+            _ => {
+                return Err(invalid(
+                    "jwks-url",
+                    "",
+                    "give exactly one of --jwks-url and --jwks-file",
+                ))
+            }
+        };
+
+        let issuers = non_empty_list("issuer", args.issuers)?;
+        let audiences = non_empty_list("audience", args.audiences)?;
+        let algorithms = args
+            .algorithms
+            .iter()
+            .map(|name| parse_algorithm(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        if algorithms.is_empty() {
+            return Err(invalid("algorithms", "", "name at least one algorithm"));
+        }
+
+        let ticket_ttl = args
+            .ticket_ttl
+            .unwrap_or_else(|| args.profile.default_ticket_ttl());
+        if ticket_ttl < Duration::from_secs(1) {
+            return Err(invalid(
+                "ticket-ttl",
+                humantime::format_duration(ticket_ttl).to_string(),
+                "the ticket lifetime must be at least 1s",
+            ));
+        }
+        if args.rate_limit == 0 {
+            return Err(invalid(
+                "rate-limit",
+                "0",
+                "must be at least 1 ticket per minute",
+            ));
+        }
+        if args.jwks_refresh_min > args.jwks_refresh_max {
+            return Err(invalid(
+                "jwks-refresh-min",
+                humantime::format_duration(args.jwks_refresh_min).to_string(),
+                "must not exceed --jwks-refresh-max",
+            ));
+        }
+        if args.jwks_timeout.is_zero() {
+            return Err(invalid("jwks-timeout", "0s", "must be longer than zero"));
+        }
+        if args.ping_interval.is_zero() {
+            return Err(invalid("ping-interval", "0s", "must be longer than zero"));
+        }
+        if args.max_message_size < 1024 {
+            return Err(invalid(
+                "max-message-size",
+                args.max_message_size.to_string(),
+                "must be at least 1024 bytes",
+            ));
+        }
+
+        let allowed_origins = args
+            .allowed_origins
+            .iter()
+            .map(|origin| normalize_origin(origin))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        Ok(Config {
+            listen: args.listen,
+            admin_listen: args.admin_listen,
+            jwks,
+            issuers,
+            audiences,
+            algorithms,
+            leeway: args.leeway,
+            ticket_ttl,
+            expired_grace: args.expired_grace,
+            data_dir: args.data_dir,
+            rate_limit_per_minute: args.rate_limit,
+            allowed_origins,
+            log_format: args.log_format,
+            realm: args.realm,
+            jwks_refetch_interval: args.jwks_refetch_interval,
+            jwks_refresh_min: args.jwks_refresh_min,
+            jwks_refresh_max: args.jwks_refresh_max,
+            jwks_timeout: args.jwks_timeout,
+            max_message_size: args.max_message_size,
+            ping_interval: args.ping_interval,
+        })
+    }
+}
+
+fn parse_jwks_url(raw: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(raw).map_err(|err| invalid("jwks-url", raw, err.to_string()))?;
+    match url.scheme() {
+        "https" | "http" => Ok(url),
+        other => Err(invalid(
+            "jwks-url",
+            raw,
+            format!("the scheme must be https or http, not {other}"),
+        )),
+    }
+}
+
+fn non_empty_list(flag: &'static str, values: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let values: Vec<String> = values.into_iter().filter(|v| !v.is_empty()).collect();
+    if values.is_empty() {
+        return Err(invalid(flag, "", "give at least one non-empty value"));
+    }
+    Ok(values)
+}
+
+/// Parses one JWS algorithm name. Symmetric (HS*) algorithms are rejected:
+/// the server only verifies with public keys from a JWKS, and accepting HS256
+/// would let a token signed with a public key as the HMAC secret pass.
+pub fn parse_algorithm(name: &str) -> Result<Algorithm, ConfigError> {
+    let algorithm = match name.trim() {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        "HS256" | "HS384" | "HS512" => {
+            return Err(invalid(
+                "algorithms",
+                name,
+                "symmetric algorithms are not supported; keys come from a JWKS of public keys",
+            ))
+        }
+        _ => {
+            return Err(invalid(
+                "algorithms",
+                name,
+                format!("unknown algorithm; choose from {DEFAULT_ALGORITHMS}"),
+            ))
+        }
+    };
+    Ok(algorithm)
+}
+
+/// Normalises an origin to `scheme://host[:port]`, the form browsers send.
+pub fn normalize_origin(raw: &str) -> Result<String, ConfigError> {
+    let url = Url::parse(raw).map_err(|err| invalid("allowed-origin", raw, err.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(
+            "allowed-origin",
+            raw,
+            "an origin is scheme://host[:port] with scheme http or https",
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(
+            "allowed-origin",
+            raw,
+            "an origin has no path, query or fragment",
+        ));
+    }
+    Ok(url.origin().ascii_serialization())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, String> {
+        let mut argv = vec![
+            "wsticket",
+            "serve",
+            "--jwks-file",
+            "keys.json",
+            "--issuer",
+            "https://idp.example",
+            "--audience",
+            "app",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Serve(args) = cli.command else {
+            return Err("not serve".into());
+        };
+        Config::from_args(*args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn profile_sets_ticket_ttl() {
+        let dev = parse(&["--profile", "dev"]).expect("valid flags");
+        assert_eq!(dev.ticket_ttl, Duration::from_secs(60));
+        let prod = parse(&[]).expect("valid flags");
+        assert_eq!(prod.ticket_ttl, Duration::from_secs(30));
+        let explicit = parse(&["--profile", "dev", "--ticket-ttl", "2m"]).expect("valid flags");
+        assert_eq!(explicit.ticket_ttl, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn symmetric_algorithm_is_rejected() {
+        let err = parse(&["--algorithms", "RS256,HS256"]).expect_err("HS256 must fail");
+        assert!(err.contains("HS256"), "{err}");
+    }
+
+    #[test]
+    fn origin_is_normalized() {
+        let config = parse(&["--allowed-origin", "HTTPS://App.Example:443"]).expect("valid flags");
+        assert_eq!(
+            config.allowed_origins,
+            vec!["https://app.example".to_string()]
+        );
+        let err = parse(&["--allowed-origin", "https://app.example/path"]).expect_err("path");
+        assert!(err.contains("allowed-origin"), "{err}");
+    }
+
+    #[test]
+    fn both_jwks_sources_are_rejected() {
+        let err = parse(&["--jwks-url", "https://idp.example/jwks"]).expect_err("two sources");
+        assert!(err.contains("jwks"), "{err}");
+    }
+
+    #[test]
+    fn zero_rate_limit_is_rejected() {
+        let err = parse(&["--rate-limit", "0"]).expect_err("zero");
+        assert!(err.contains("rate-limit"), "{err}");
+    }
+}

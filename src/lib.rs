@@ -1,0 +1,26 @@
+//! wsticket: trades a bearer JWT for a short-lived, single-use ticket, and
+//! authenticates WebSocket upgrades with that ticket.
+//!
+//! - [`config`]: command-line flags and environment variables → [`config::Config`]
+//! - [`server`]: runs the public and admin listeners until shutdown
+//! - [`http`]: the ticket endpoint, the upgrade, the admin routes and the error type
+//! - [`ws`]: an authenticated WebSocket after the upgrade
+//! - [`auth`]: JWT verification against a JWKS, and the key fetching
+//! - [`ticket`]: ticket generation and the hashed ids used in logs and storage
+//! - [`store`]: the ticket store trait and its moka + sled implementation
+//! - [`metrics`]: Prometheus metrics
+//! - [`clock`]: wall-clock time as a parameter, for tests of expiry
+//! - [`demo`]: the self-contained `wsticket demo`
+
+pub mod app;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod ticket;
+pub mod ws;

@@ -1,0 +1,338 @@
+//! Binds nothing itself: runs the public and admin listeners it is given until
+//! a shutdown future resolves, then shuts down in order.
+//!
+//! The public listener routes `/ws` to the hand-written upgrade and every other
+//! path to the warp filter tree, on one hyper connection builder; the admin
+//! listener serves only the warp admin routes. On shutdown the server stops
+//! accepting, closes every WebSocket with 1001, waits for them up to the
+//! shutdown timeout, and flushes the store.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+use warp::reply::Response;
+
+use crate::app::AppState;
+use crate::auth::keys::{KeyStore, KeyStoreSettings};
+use crate::auth::verify::VerifierSettings;
+use crate::auth::Verifier;
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::Config;
+use crate::http::{self as routes, upgrade};
+use crate::metrics::Metrics;
+use crate::store::OpenError;
+use crate::store::{SledStore, StoreSettings};
+
+/// How long to wait for open WebSockets to close after the 1001 close frame.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most records kept in the in-memory cache in front of the store.
+const CACHE_CAPACITY: u64 = 2_000_000;
+/// How often expired tickets are marked and purged.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long stale keys keep verifying when the JWKS cannot be fetched.
+const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
+
+/// The two bound listeners of a server.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// A failure that stops the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} (--{flag}): {source}")]
+    Bind {
+        flag: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    #[error("opening the store did not finish: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Binds both listeners of `config`.
+pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
+    let public = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            flag: "listen",
+            addr: config.listen,
+            source,
+        })?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            flag: "admin-listen",
+            addr: config.admin_listen,
+            source,
+        })?;
+    Ok(Listeners { public, admin })
+}
+
+/// Runs a server on `listeners` until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let metrics = Arc::new(Metrics::new());
+    metrics
+        .jwks_max_stale_seconds
+        .set(MAX_STALE.as_secs() as i64);
+
+    let store_settings = StoreSettings {
+        path: config.data_dir.clone(),
+        grace: config.expired_grace,
+        cache_capacity: CACHE_CAPACITY,
+    };
+    let store = {
+        let (clock, metrics) = (clock.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || SledStore::open(&store_settings, clock, metrics))
+            .await??
+    };
+    let store = Arc::new(store);
+    tracing::info!(event = "store_opened", path = %config.data_dir.display(), live_tickets = metrics.live_tickets.get(), "ticket store recovered");
+
+    let keys = Arc::new(KeyStore::new(
+        KeyStoreSettings {
+            source: config.jwks.clone(),
+            refetch_interval: config.jwks_refetch_interval,
+            refresh_min: config.jwks_refresh_min,
+            refresh_max: config.jwks_refresh_max,
+            timeout: config.jwks_timeout,
+        },
+        clock.clone(),
+        metrics.clone(),
+    ));
+    let verifier = Verifier::new(
+        VerifierSettings {
+            issuers: config.issuers.clone(),
+            audiences: config.audiences.clone(),
+            algorithms: config.algorithms.clone(),
+            leeway: config.leeway,
+        },
+        keys.clone(),
+        clock.clone(),
+    );
+
+    let state = Arc::new(AppState::new(
+        config,
+        verifier,
+        store.clone(),
+        metrics,
+        clock,
+    ));
+    state
+        .readiness
+        .store_recovered
+        .store(true, Ordering::Release);
+
+    let refresh_task = tokio::spawn(keys.run_refresh());
+    let maintenance_task = tokio::spawn(store.clone().run_maintenance(MAINTENANCE_INTERVAL));
+    let limiter_task = tokio::spawn(prune_rate_limiter(state.clone()));
+
+    let stop_accepting = CancellationToken::new();
+    let graceful = Arc::new(GracefulShutdown::new());
+    let public_addr = listeners.public.local_addr().ok();
+    let admin_addr = listeners.admin.local_addr().ok();
+    let public_task = tokio::spawn(accept_public(
+        listeners.public,
+        state.clone(),
+        stop_accepting.clone(),
+        graceful.clone(),
+    ));
+    let admin_task = tokio::spawn(accept_admin(
+        listeners.admin,
+        state.clone(),
+        stop_accepting.clone(),
+        graceful.clone(),
+    ));
+    state
+        .readiness
+        .listener_bound
+        .store(true, Ordering::Release);
+    if let Some(addr) = public_addr {
+        tracing::info!(event = "listening", listener = "public", addr = %addr, "public listener ready");
+    }
+    if let Some(addr) = admin_addr {
+        tracing::info!(event = "listening", listener = "admin", addr = %addr, "admin listener ready");
+    }
+
+    shutdown.await;
+    tracing::info!(
+        event = "shutdown_started",
+        open_connections = state.metrics.open_connections.get(),
+        "shutting down"
+    );
+    stop_accepting.cancel();
+    let _ = tokio::join!(public_task, admin_task);
+    state.shutdown.cancel();
+    state.connections.close();
+    let drained = tokio::time::timeout(SHUTDOWN_TIMEOUT, async {
+        // The accept tasks have ended, so this is the last reference.
+        if let Ok(graceful) = Arc::try_unwrap(graceful) {
+            graceful.shutdown().await;
+        }
+        state.connections.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            event = "shutdown_timeout",
+            "connections still open after the shutdown timeout"
+        );
+    }
+    refresh_task.abort();
+    maintenance_task.abort();
+    limiter_task.abort();
+    if let Err(err) = store.flush().await {
+        tracing::error!(event = "store_error", error = %err, "final flush of the store failed");
+    }
+    tracing::info!(event = "shutdown_finished", "server stopped");
+    Ok(())
+}
+
+/// Drops rate-limiter state of subjects not seen for a while, so the
+/// limiter's memory follows the number of active users.
+async fn prune_rate_limiter(state: Arc<AppState>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        ticker.tick().await;
+        state.ticket_limiter.retain_recent();
+        state.ticket_limiter.shrink_to_fit();
+    }
+}
+
+fn connection_builder() -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+}
+
+async fn accept_public(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    stop: CancellationToken,
+    graceful: Arc<GracefulShutdown>,
+) {
+    let routes = warp::service(routes::public_routes(state.clone()));
+    loop {
+        let Some(stream) = accept(&listener, &stop).await else {
+            return;
+        };
+        let state = state.clone();
+        let routes = routes.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let state = state.clone();
+            let mut routes = routes.clone();
+            async move {
+                if request.uri().path() == "/ws" {
+                    Ok::<Response, Infallible>(upgrade::handle(state, request).await)
+                } else {
+                    routes.call(request).await
+                }
+            }
+        });
+        let connection = connection_builder()
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "HTTP connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn accept_admin(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    stop: CancellationToken,
+    graceful: Arc<GracefulShutdown>,
+) {
+    let routes = warp::service(routes::admin_routes(state));
+    loop {
+        let Some(stream) = accept(&listener, &stop).await else {
+            return;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(routes.clone());
+        let connection = connection_builder()
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Accepts the next connection, or returns `None` once `stop` is cancelled.
+/// Accept errors (such as running out of file descriptors) are logged and
+/// retried after a short pause instead of ending the server.
+async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<tokio::net::TcpStream> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some(stream);
+                }
+                Err(err) => {
+                    tracing::error!(event = "accept_failed", error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(signal) => signal,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
