@@ -22,8 +22,10 @@ use tokio_tungstenite::tungstenite::Message;
 use warp::Filter;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, DemoArgs, JwksSource, LogFormat, Profile};
-use crate::server::{self, Listeners};
+use clap::Parser;
+
+use crate::config::{Cli, Command, Config, DemoArgs, LogFormat};
+use crate::server;
 use crate::ticket;
 
 const ISSUER: &str = "https://demo-issuer.wsticket.invalid";
@@ -125,29 +127,31 @@ async fn run_steps() -> Result<(), DemoError> {
 
     let data_dir =
         tempfile::tempdir().map_err(|err| fail(format!("temporary directory: {err}")))?;
-    let config = Config {
-        listen: "127.0.0.1:0".parse().expect("literal address"),
-        admin_listen: "127.0.0.1:0".parse().expect("literal address"),
-        jwks: JwksSource::Url(url::Url::parse(&jwks_url).map_err(|err| fail(err.to_string()))?),
-        issuers: vec![ISSUER.to_string()],
-        audiences: vec![AUDIENCE.to_string()],
-        algorithms: vec![Algorithm::EdDSA],
-        leeway: Duration::from_secs(30),
-        ticket_ttl: DEMO_TICKET_TTL,
-        expired_grace: Duration::from_secs(300),
-        data_dir: data_dir.path().join("store"),
-        rate_limit_per_minute: 60,
-        allowed_origins: Vec::new(),
-        log_format: LogFormat::Text,
-        realm: None,
-        jwks_refetch_interval: Duration::from_secs(30),
-        jwks_refresh_min: Duration::from_secs(60),
-        jwks_refresh_max: Duration::from_secs(3600),
-        jwks_timeout: Duration::from_secs(5),
-        max_message_size: 1024 * 1024,
-        ping_interval: Duration::from_secs(30),
-    };
-    let _ = Profile::Dev;
+    let store_dir = data_dir.path().join("store");
+    let ttl = format!("{}s", DEMO_TICKET_TTL.as_secs());
+    let argv = [
+        "wsticket",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--jwks-url",
+        &jwks_url,
+        "--issuer",
+        ISSUER,
+        "--audience",
+        AUDIENCE,
+        "--algorithms",
+        "EdDSA",
+        "--ticket-ttl",
+        &ttl,
+        "--data-dir",
+        store_dir
+            .to_str()
+            .ok_or_else(|| fail("temporary directory path is not UTF-8"))?,
+    ];
+    let config = demo_config(&argv)?;
     let listeners = server::bind(&config)
         .await
         .map_err(|err| fail(err.to_string()))?;
@@ -160,7 +164,7 @@ async fn run_steps() -> Result<(), DemoError> {
         .local_addr()
         .map_err(|err| fail(err.to_string()))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server_task = tokio::spawn(server::serve(config, Listeners { ..listeners }, async {
+    let server_task = tokio::spawn(server::serve(config, listeners, async {
         let _ = stop_rx.await;
     }));
     println!(
@@ -177,6 +181,16 @@ async fn run_steps() -> Result<(), DemoError> {
     let _ = stop_tx.send(());
     let _ = server_task.await;
     result
+}
+
+/// Builds the demo server's configuration through the same flag parsing as
+/// `wsticket serve`, so the demo runs exactly what a user would configure.
+fn demo_config(argv: &[&str]) -> Result<Config, DemoError> {
+    let cli = Cli::try_parse_from(argv).map_err(|err| fail(format!("demo flags: {err}")))?;
+    let Command::Serve(args) = cli.command else {
+        return Err(fail("demo flags do not name serve"));
+    };
+    Config::from_args(*args).map_err(|err| fail(err.to_string()))
 }
 
 async fn wait_ready(http: &reqwest::Client, admin: SocketAddr) -> Result<(), DemoError> {
