@@ -175,6 +175,11 @@ pub struct DemoArgs {
     /// Log format of the embedded server's output (hidden unless --verbose).
     #[arg(long)]
     pub verbose: bool,
+
+    /// Serve a page on loopback that logs in with the demo issuer and keeps a
+    /// live WebSocket through the browser client, until Ctrl-C.
+    #[arg(long)]
+    pub browser: bool,
 }
 
 /// Where the verification keys come from.

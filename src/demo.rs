@@ -37,15 +37,18 @@ const DEMO_TICKET_TTL: Duration = Duration::from_secs(2);
 /// A demo step that did not go as expected.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct DemoError(String);
+pub(crate) struct DemoError(String);
 
-fn fail(message: impl Into<String>) -> DemoError {
+pub(crate) fn fail(message: impl Into<String>) -> DemoError {
     DemoError(message.into())
 }
 
 pub async fn run(args: DemoArgs) -> ExitCode {
     if args.verbose {
         crate::logging::init(LogFormat::Text);
+    }
+    if args.browser {
+        return crate::demo_browser::run().await;
     }
     match run_steps().await {
         Ok(()) => {
@@ -59,13 +62,13 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     }
 }
 
-struct DemoIssuer {
+pub(crate) struct DemoIssuer {
     key_pair_pkcs8: Vec<u8>,
-    jwks: serde_json::Value,
+    pub(crate) jwks: serde_json::Value,
 }
 
 impl DemoIssuer {
-    fn generate() -> Result<Self, DemoError> {
+    pub(crate) fn generate() -> Result<Self, DemoError> {
         let rng = SystemRandom::new();
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
             .map_err(|_| fail("cannot generate an Ed25519 key pair"))?;
@@ -87,7 +90,7 @@ impl DemoIssuer {
         })
     }
 
-    fn sign(&self, subject: &str, lifetime: Duration) -> Result<String, DemoError> {
+    pub(crate) fn sign(&self, subject: &str, lifetime: Duration) -> Result<String, DemoError> {
         let now = SystemClock.now_secs();
         let claims = serde_json::json!({
             "iss": ISSUER,
@@ -128,29 +131,7 @@ async fn run_steps() -> Result<(), DemoError> {
     let data_dir =
         tempfile::tempdir().map_err(|err| fail(format!("temporary directory: {err}")))?;
     let store_dir = data_dir.path().join("store");
-    let ttl = format!("{}s", DEMO_TICKET_TTL.as_secs());
-    let argv = [
-        "wsticket",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--jwks-url",
-        &jwks_url,
-        "--issuer",
-        ISSUER,
-        "--audience",
-        AUDIENCE,
-        "--algorithms",
-        "EdDSA",
-        "--ticket-ttl",
-        &ttl,
-        "--data-dir",
-        store_dir
-            .to_str()
-            .ok_or_else(|| fail("temporary directory path is not UTF-8"))?,
-    ];
+    let argv = server_argv(&jwks_url, DEMO_TICKET_TTL, &store_dir)?;
     let config = demo_config(&argv)?;
     let listeners = server::bind(&config)
         .await
@@ -183,9 +164,42 @@ async fn run_steps() -> Result<(), DemoError> {
     result
 }
 
+/// Builds the `wsticket serve` flags of a demo server on loopback ephemeral
+/// ports, verifying tokens of the demo issuer.
+pub(crate) fn server_argv(
+    jwks_url: &str,
+    ticket_ttl: Duration,
+    store_dir: &std::path::Path,
+) -> Result<Vec<String>, DemoError> {
+    let store_dir = store_dir
+        .to_str()
+        .ok_or_else(|| fail("temporary directory path is not UTF-8"))?;
+    let argv = [
+        "wsticket",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--jwks-url",
+        jwks_url,
+        "--issuer",
+        ISSUER,
+        "--audience",
+        AUDIENCE,
+        "--algorithms",
+        "EdDSA",
+        "--ticket-ttl",
+        &format!("{}s", ticket_ttl.as_secs()),
+        "--data-dir",
+        store_dir,
+    ];
+    Ok(argv.iter().map(|arg| arg.to_string()).collect())
+}
+
 /// Builds the demo server's configuration through the same flag parsing as
 /// `wsticket serve`, so the demo runs exactly what a user would configure.
-fn demo_config(argv: &[&str]) -> Result<Config, DemoError> {
+pub(crate) fn demo_config(argv: &[String]) -> Result<Config, DemoError> {
     let cli = Cli::try_parse_from(argv).map_err(|err| fail(format!("demo flags: {err}")))?;
     let Command::Serve(args) = cli.command else {
         return Err(fail("demo flags do not name serve"));
@@ -193,7 +207,7 @@ fn demo_config(argv: &[&str]) -> Result<Config, DemoError> {
     Config::from_args(*args).map_err(|err| fail(err.to_string()))
 }
 
-async fn wait_ready(http: &reqwest::Client, admin: SocketAddr) -> Result<(), DemoError> {
+pub(crate) async fn wait_ready(http: &reqwest::Client, admin: SocketAddr) -> Result<(), DemoError> {
     for _ in 0..100 {
         if let Ok(response) = http.get(format!("http://{admin}/readyz")).send().await {
             if response.status().is_success() {

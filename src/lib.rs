@@ -11,12 +11,14 @@
 //! - [`metrics`]: Prometheus metrics
 //! - [`clock`]: wall-clock time as a parameter, for tests of expiry
 //! - [`demo`]: the self-contained `wsticket demo`
+//! - [`demo_browser`]: `wsticket demo --browser`, the flow in a browser page
 
 pub mod app;
 pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod demo_browser;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -7,6 +7,7 @@
 //! small buffer sized for idle connections.
 
 pub mod admin;
+pub mod client_js;
 pub mod error;
 pub mod ticket;
 pub mod upgrade;
@@ -24,7 +25,11 @@ pub use error::ApiError;
 pub fn public_routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    ticket::routes(state).recover(handle_rejection).unify()
+    ticket::routes(state)
+        .or(client_js::routes())
+        .unify()
+        .recover(handle_rejection)
+        .unify()
 }
 
 /// Builds the filter tree of the admin listener.
