@@ -132,22 +132,8 @@ async fn run_steps() -> Result<(), DemoError> {
         tempfile::tempdir().map_err(|err| fail(format!("temporary directory: {err}")))?;
     let store_dir = data_dir.path().join("store");
     let argv = server_argv(&jwks_url, DEMO_TICKET_TTL, &store_dir)?;
-    let config = demo_config(&argv)?;
-    let listeners = server::bind(&config)
-        .await
-        .map_err(|err| fail(err.to_string()))?;
-    let public = listeners
-        .public
-        .local_addr()
-        .map_err(|err| fail(err.to_string()))?;
-    let admin = listeners
-        .admin
-        .local_addr()
-        .map_err(|err| fail(err.to_string()))?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server_task = tokio::spawn(server::serve(config, listeners, async {
-        let _ = stop_rx.await;
-    }));
+    let server = DemoServer::start(demo_config(&argv)?).await?;
+    let (public, admin) = (server.public, server.admin);
     println!(
         "[setup] server listening on http://{public} (admin http://{admin}), store in a temporary directory, ticket TTL {}s",
         DEMO_TICKET_TTL.as_secs()
@@ -159,9 +145,49 @@ async fn run_steps() -> Result<(), DemoError> {
 
     let result = walk_client(&http, &issuer, public).await;
 
-    let _ = stop_tx.send(());
-    let _ = server_task.await;
+    server.stop().await;
     result
+}
+
+/// A wsticket server running inside the demo process.
+pub(crate) struct DemoServer {
+    pub(crate) public: SocketAddr,
+    pub(crate) admin: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), server::StartError>>,
+}
+
+impl DemoServer {
+    /// Binds the listeners of `config` and starts serving in a task.
+    pub(crate) async fn start(config: Config) -> Result<Self, DemoError> {
+        let listeners = server::bind(&config)
+            .await
+            .map_err(|err| fail(err.to_string()))?;
+        let public = listeners
+            .public
+            .local_addr()
+            .map_err(|err| fail(err.to_string()))?;
+        let admin = listeners
+            .admin
+            .local_addr()
+            .map_err(|err| fail(err.to_string()))?;
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(config, listeners, async {
+            let _ = stop_rx.await;
+        }));
+        Ok(DemoServer {
+            public,
+            admin,
+            stop,
+            task,
+        })
+    }
+
+    /// Shuts the server down and waits for it: open WebSockets get 1001.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
 }
 
 /// Builds the `wsticket serve` flags of a demo server on loopback ephemeral

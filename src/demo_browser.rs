@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use crate::demo::{demo_config, fail, server_argv, wait_ready, DemoError, DemoIssuer};
+use crate::demo::{demo_config, fail, server_argv, wait_ready, DemoError, DemoIssuer, DemoServer};
 use crate::server;
 
 /// Lifetime of a JWT from `POST /login`. The page logs in again when its JWT
@@ -56,18 +56,11 @@ async fn serve_page() -> Result<(), DemoError> {
         tempfile::tempdir().map_err(|err| fail(format!("temporary directory: {err}")))?;
     let mut argv = server_argv(&jwks_url, TICKET_TTL, &data_dir.path().join("store"))?;
     argv.extend(["--allowed-origin".to_string(), page_origin.clone()]);
-    let config = demo_config(&argv)?;
-    let listeners = server::bind(&config)
-        .await
-        .map_err(|err| fail(err.to_string()))?;
-    let public = listeners
-        .public
-        .local_addr()
-        .map_err(|err| fail(err.to_string()))?;
-    let admin = listeners
-        .admin
-        .local_addr()
-        .map_err(|err| fail(err.to_string()))?;
+    // The wsticket server starts fetching the JWKS at once. The page listener
+    // is already bound, so that request waits in its backlog until the page
+    // server below accepts it.
+    let server = DemoServer::start(demo_config(&argv)?).await?;
+    let (public, admin) = (server.public, server.admin);
 
     let page = render_page(public);
     tokio::spawn(
@@ -75,10 +68,6 @@ async fn serve_page() -> Result<(), DemoError> {
             .incoming(page_listener)
             .run(),
     );
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server_task = tokio::spawn(server::serve(config, listeners, async {
-        let _ = stop_rx.await;
-    }));
     wait_ready(&reqwest::Client::new(), admin).await?;
 
     println!("wsticket demo --browser: the ticket flow in a browser page, on loopback only.\n");
@@ -90,8 +79,7 @@ async fn serve_page() -> Result<(), DemoError> {
 
     server::shutdown_signal().await;
     println!("\nStopping: open WebSockets are closed with 1001.");
-    let _ = stop_tx.send(());
-    let _ = server_task.await;
+    server.stop().await;
     Ok(())
 }
 

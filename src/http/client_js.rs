@@ -3,8 +3,8 @@
 //! A page imports it with no build step. Browsers fetch module scripts in CORS
 //! mode, so a page on another origin can only import it when the response allows
 //! any origin. That is safe here: the file is public and the request carries
-//! no credentials. The ETag is the file's SHA-256, so a page revalidates
-//! cheaply after the short max-age.
+//! no credentials. The ETag is the first 128 bits of the file's SHA-256, so a
+//! page revalidates cheaply after the short max-age.
 
 use std::sync::OnceLock;
 
