@@ -5,7 +5,7 @@
  * Every connection attempt requests a new ticket, and the client also refuses
  * a ticket it has sent before, so a ticket never travels twice even when a
  * cache or proxy repeats an old response. Failures reach the page as a
- * `WsTicketError` whose `kind` says what to do: log in again (`auth`), give
+ * `WsTicketError` whose `kind` names the next step: log in again (`auth`), give
  * up (`forbidden`, `ticket_rejected`), or wait while the client retries
  * (`rate_limited`, `unavailable`). Tabs of one page coordinate over a
  * BroadcastChannel so that they share one token refresh and one back-off
@@ -125,8 +125,12 @@ function absoluteUrl(url, webSocket) {
   return resolved;
 }
 
-/** Parses a close reason `{"error": "...", "retry_after": n}`; other text gives nulls. */
+/**
+ * Parses a close reason: `{"error": "...", "retry_after": n}`, or a bare code
+ * such as `token_expired`. Other text gives nulls.
+ */
 function parseCloseReason(reason) {
+  if (/^[a-z][a-z0-9_]*$/.test(reason)) return { code: reason, retryAfterMs: null };
   try {
     const body = JSON.parse(reason);
     if (body && typeof body === 'object') {

@@ -307,6 +307,18 @@ describe('close codes', () => {
     assert.equal(lastClose.willReconnect, false);
   });
 
+  test('4401 with a bare reason passes the code on', async () => {
+    const { clock, errors } = setup({
+      behaviour: (socket) => {
+        socket.serverOpen();
+        socket.serverClose(4401, 'token_expired');
+      },
+    });
+    await clock.runUntil(() => errors().length === 1);
+    assert.equal(errors()[0].kind, 'auth');
+    assert.equal(errors()[0].code, 'token_expired');
+  });
+
   test('4401 after a long open connection refreshes again', async () => {
     const { clock, connection, sockets, tokenCalls } = setup({
       tokens: [TOKEN, REFRESHED, 'third.token.value'],
@@ -331,7 +343,7 @@ describe('close codes', () => {
   for (const { code, error, kind } of stops) {
     test(`${code} ${error ?? 'without a reason'} is ${kind} and stops`, async () => {
       const { clock, connection, errors, calls, sockets, tokenCalls } = setup({
-        behaviour: (socket) => (error ? socket.serverReject(code, { error }) : (socket.serverOpen(), socket.serverClose(code, 'policy'))),
+        behaviour: (socket) => (error ? socket.serverReject(code, { error }) : (socket.serverOpen(), socket.serverClose(code, 'Policy violation.'))),
       });
       await clock.runUntil(() => errors().length === 1);
       assert.equal(errors()[0].kind, kind);
