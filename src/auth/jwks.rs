@@ -46,6 +46,9 @@ pub struct VerifyingKey {
     /// The `alg` the JWK pins, if it names one.
     pub alg: Option<Algorithm>,
     pub key: DecodingKey,
+    /// RFC 7638 JWK thumbprint (SHA-256, base64url): the key's identity
+    /// independent of its `kid`, so a `kid` reused for a new key is noticed.
+    pub thumbprint: String,
 }
 
 impl std::fmt::Debug for VerifyingKey {
@@ -54,6 +57,7 @@ impl std::fmt::Debug for VerifyingKey {
             .field("kid", &self.kid)
             .field("kind", &self.kind)
             .field("alg", &self.alg)
+            .field("thumbprint", &self.thumbprint)
             .finish()
     }
 }
@@ -138,7 +142,11 @@ fn parse_key(jwk: &Value) -> Result<VerifyingKey, String> {
         }
     };
 
-    let (kind, key) = match kty {
+    let PublicKey {
+        kind,
+        key,
+        thumbprint,
+    } = match kty {
         "RSA" => rsa_key(jwk)?,
         "EC" => ec_key(jwk)?,
         "OKP" => okp_key(jwk)?,
@@ -155,7 +163,28 @@ fn parse_key(jwk: &Value) -> Result<VerifyingKey, String> {
         kind,
         alg,
         key,
+        thumbprint,
     })
+}
+
+/// A decoded public key and its RFC 7638 thumbprint.
+struct PublicKey {
+    kind: KeyKind,
+    key: DecodingKey,
+    thumbprint: String,
+}
+
+/// Computes the RFC 7638 thumbprint from the required members, given in
+/// lexicographic order as the RFC requires. The values are base64url strings
+/// or curve names, which need no JSON escaping.
+fn thumbprint(members: &[(&str, &str)]) -> String {
+    let body: Vec<String> = members
+        .iter()
+        .map(|(name, value)| format!("\"{name}\":\"{value}\""))
+        .collect();
+    let canonical = format!("{{{}}}", body.join(","));
+    let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
+    URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
 
 fn string_member<'a>(jwk: &'a Value, name: &str) -> Result<&'a str, String> {
@@ -166,9 +195,20 @@ fn string_member<'a>(jwk: &'a Value, name: &str) -> Result<&'a str, String> {
 
 fn base64url_member(jwk: &Value, name: &str) -> Result<Vec<u8>, String> {
     let encoded = string_member(jwk, name)?;
-    // Some providers pad their base64url; the padding carries no data.
+    // Some providers pad their base64url, and some (Battle.net) publish the
+    // standard alphabet with `+` and `/`. Neither changes the value, so both
+    // are read as base64url.
+    let normalized: String = encoded
+        .trim_end_matches('=')
+        .chars()
+        .map(|c| match c {
+            '+' => '-',
+            '/' => '_',
+            other => other,
+        })
+        .collect();
     URL_SAFE_NO_PAD
-        .decode(encoded.trim_end_matches('='))
+        .decode(normalized)
         .map_err(|_| format!("\"{name}\" is not valid base64url"))
 }
 
@@ -188,7 +228,7 @@ fn signing_algorithm(name: &str) -> Option<Algorithm> {
     })
 }
 
-fn rsa_key(jwk: &Value) -> Result<(KeyKind, DecodingKey), String> {
+fn rsa_key(jwk: &Value) -> Result<PublicKey, String> {
     if jwk.get("n").is_none() && jwk.get("x5c").is_some() {
         return rsa_key_from_x5c(jwk);
     }
@@ -200,7 +240,7 @@ fn rsa_key(jwk: &Value) -> Result<(KeyKind, DecodingKey), String> {
 /// Builds an RSA key from big-endian components. Leading zero bytes are
 /// stripped: some providers publish them, and aws-lc-rs rejects a modulus
 /// that has one.
-fn rsa_from_components(modulus: &[u8], exponent: &[u8]) -> Result<(KeyKind, DecodingKey), String> {
+fn rsa_from_components(modulus: &[u8], exponent: &[u8]) -> Result<PublicKey, String> {
     let modulus = strip_leading_zeros(modulus);
     let exponent = strip_leading_zeros(exponent);
     let bits = bit_length(modulus);
@@ -212,13 +252,18 @@ fn rsa_from_components(modulus: &[u8], exponent: &[u8]) -> Result<(KeyKind, Deco
     if exponent.is_empty() || exponent.len() > 8 {
         return Err("RSA exponent is empty or too large".into());
     }
-    Ok((
-        KeyKind::Rsa,
-        DecodingKey::from_rsa_raw_components(modulus, exponent),
-    ))
+    let (n, e) = (
+        URL_SAFE_NO_PAD.encode(modulus),
+        URL_SAFE_NO_PAD.encode(exponent),
+    );
+    Ok(PublicKey {
+        kind: KeyKind::Rsa,
+        key: DecodingKey::from_rsa_raw_components(modulus, exponent),
+        thumbprint: thumbprint(&[("e", &e), ("kty", "RSA"), ("n", &n)]),
+    })
 }
 
-fn rsa_key_from_x5c(jwk: &Value) -> Result<(KeyKind, DecodingKey), String> {
+fn rsa_key_from_x5c(jwk: &Value) -> Result<PublicKey, String> {
     let first = jwk
         .get("x5c")
         .and_then(Value::as_array)
@@ -234,7 +279,7 @@ fn rsa_key_from_x5c(jwk: &Value) -> Result<(KeyKind, DecodingKey), String> {
     rsa_from_components(&modulus, &exponent)
 }
 
-fn ec_key(jwk: &Value) -> Result<(KeyKind, DecodingKey), String> {
+fn ec_key(jwk: &Value) -> Result<PublicKey, String> {
     let (kind, size) = match string_member(jwk, "crv")? {
         "P-256" => (KeyKind::EcP256, 32),
         "P-384" => (KeyKind::EcP384, 48),
@@ -249,13 +294,22 @@ fn ec_key(jwk: &Value) -> Result<(KeyKind, DecodingKey), String> {
     if x.len() != size || y.len() != size {
         return Err(format!("EC coordinates must be {size} bytes each"));
     }
+    let (x, y) = (URL_SAFE_NO_PAD.encode(&x), URL_SAFE_NO_PAD.encode(&y));
     let key =
-        DecodingKey::from_ec_components(&URL_SAFE_NO_PAD.encode(&x), &URL_SAFE_NO_PAD.encode(&y))
-            .map_err(|err| format!("EC key rejected: {err}"))?;
-    Ok((kind, key))
+        DecodingKey::from_ec_components(&x, &y).map_err(|err| format!("EC key rejected: {err}"))?;
+    let curve = if kind == KeyKind::EcP256 {
+        "P-256"
+    } else {
+        "P-384"
+    };
+    Ok(PublicKey {
+        kind,
+        key,
+        thumbprint: thumbprint(&[("crv", curve), ("kty", "EC"), ("x", &x), ("y", &y)]),
+    })
 }
 
-fn okp_key(jwk: &Value) -> Result<(KeyKind, DecodingKey), String> {
+fn okp_key(jwk: &Value) -> Result<PublicKey, String> {
     match string_member(jwk, "crv")? {
         "Ed25519" => {}
         "X25519" | "X448" => {
@@ -269,9 +323,14 @@ fn okp_key(jwk: &Value) -> Result<(KeyKind, DecodingKey), String> {
     if x.len() != 32 {
         return Err("an Ed25519 public key is 32 bytes".into());
     }
-    let key = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(&x))
+    let x = URL_SAFE_NO_PAD.encode(&x);
+    let key = DecodingKey::from_ed_components(&x)
         .map_err(|err| format!("Ed25519 key rejected: {err}"))?;
-    Ok((KeyKind::Ed25519, key))
+    Ok(PublicKey {
+        kind: KeyKind::Ed25519,
+        key,
+        thumbprint: thumbprint(&[("crv", "Ed25519"), ("kty", "OKP"), ("x", &x)]),
+    })
 }
 
 fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
