@@ -54,6 +54,18 @@ impl Profile {
     }
 }
 
+/// Kind of bearer token, which decides how it is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TokenKind {
+    /// Every token is a JWT verified against its issuer's JWKS.
+    Jwt,
+    /// Every token is checked with token introspection.
+    Opaque,
+    /// JWTs are verified against the JWKS; other tokens go to introspection
+    /// when an introspection URL is set, and are rejected otherwise.
+    Auto,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Json,
@@ -63,7 +75,13 @@ pub enum LogFormat {
 const DEFAULT_ALGORITHMS: &str = "RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA";
 
 #[derive(Debug, Clone, Args)]
-#[command(group(clap::ArgGroup::new("jwks").required(true).args(["jwks_url", "jwks_file"])))]
+#[command(group(clap::ArgGroup::new("jwks").args(["jwks_url", "jwks_file"]).requires("issuers")))]
+#[command(group(
+    clap::ArgGroup::new("key_source")
+        .required(true)
+        .multiple(true)
+        .args(["jwks_url", "jwks_file", "trusted_issuers"])
+))]
 pub struct ServeArgs {
     /// Address of the public listener (ticket endpoint and WebSocket upgrade).
     #[arg(long, env = "WSTICKET_LISTEN", default_value = "127.0.0.1:8080")]
@@ -81,14 +99,25 @@ pub struct ServeArgs {
     #[arg(long, env = "WSTICKET_JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
 
-    /// Accepted `iss` claim; repeat for several. A token must match one.
+    /// Accepted `iss` claim verified with --jwks-url or --jwks-file; repeat
+    /// for several issuers sharing that JWKS. A token must match one.
     #[arg(
         long = "issuer",
         env = "WSTICKET_ISSUER",
-        required = true,
+        requires = "jwks",
         value_delimiter = ','
     )]
     pub issuers: Vec<String>,
+
+    /// A trusted issuer and its own JWKS URL, as ISSUER=JWKS_URL (split at
+    /// the first '='); repeat for several. A token is only verified with the
+    /// keys of the issuer its `iss` names.
+    #[arg(
+        long = "trusted-issuer",
+        env = "WSTICKET_TRUSTED_ISSUER",
+        value_delimiter = ','
+    )]
+    pub trusted_issuers: Vec<String>,
 
     /// Accepted `aud` value; repeat for several. A token must contain one.
     #[arg(
@@ -157,9 +186,50 @@ pub struct ServeArgs {
     #[arg(long, env = "WSTICKET_JWKS_REFRESH_MAX", default_value = "1h", value_parser = humantime::parse_duration)]
     pub jwks_refresh_max: Duration,
 
-    /// Timeout of one JWKS fetch, connection included.
+    /// Timeout of one JWKS fetch or introspection request, connection
+    /// included.
     #[arg(long, env = "WSTICKET_JWKS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub jwks_timeout: Duration,
+
+    /// How long the last good keys keep verifying after the last successful
+    /// JWKS fetch; after that the issuer's tokens get auth_unavailable.
+    #[arg(long, env = "WSTICKET_JWKS_MAX_STALE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub jwks_max_stale: Duration,
+
+    /// Kind of bearer token: jwt (JWKS only), opaque (introspection only) or
+    /// auto (JWTs to the JWKS, other tokens to introspection when configured).
+    #[arg(long, env = "WSTICKET_TOKEN_KIND", value_enum, default_value_t = TokenKind::Auto)]
+    pub token_kind: TokenKind,
+
+    /// URL of the RFC 7662 token introspection endpoint for opaque tokens.
+    #[arg(
+        long,
+        env = "WSTICKET_INTROSPECTION_URL",
+        requires_all = ["introspection_client_id", "introspection_client_secret_file"]
+    )]
+    pub introspection_url: Option<String>,
+
+    /// Client id sent to the introspection endpoint (HTTP Basic).
+    #[arg(
+        long,
+        env = "WSTICKET_INTROSPECTION_CLIENT_ID",
+        requires = "introspection_url"
+    )]
+    pub introspection_client_id: Option<String>,
+
+    /// File holding the client secret for the introspection endpoint;
+    /// surrounding whitespace is ignored.
+    #[arg(
+        long,
+        env = "WSTICKET_INTROSPECTION_CLIENT_SECRET_FILE",
+        requires = "introspection_url"
+    )]
+    pub introspection_client_secret_file: Option<PathBuf>,
+
+    /// Maximum time an introspection response is reused; the token's exp may
+    /// end it sooner.
+    #[arg(long, env = "WSTICKET_INTROSPECTION_CACHE_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub introspection_cache_ttl: Duration,
 
     /// Largest WebSocket message accepted from a client, in bytes.
     #[arg(long, env = "WSTICKET_MAX_MESSAGE_SIZE", default_value_t = 1024 * 1024)]
@@ -189,13 +259,53 @@ pub enum JwksSource {
     File(PathBuf),
 }
 
+/// An issuer with its own JWKS.
+#[derive(Debug, Clone)]
+pub struct TrustedIssuer {
+    pub issuer: String,
+    pub jwks: JwksSource,
+}
+
+/// A secret read from a file, kept out of `Debug` output.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
+    /// Returns the secret itself; callers must not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Introspection endpoint and client credentials for opaque tokens.
+#[derive(Debug, Clone)]
+pub struct IntrospectionConfig {
+    pub url: Url,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub cache_ttl: Duration,
+}
+
 /// The validated server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub jwks: JwksSource,
+    /// The JWKS of the one-issuer short form, shared by every `issuers`
+    /// entry.
+    pub jwks: Option<JwksSource>,
     pub issuers: Vec<String>,
+    pub trusted_issuers: Vec<TrustedIssuer>,
     pub audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
     pub leeway: Duration,
@@ -210,6 +320,9 @@ pub struct Config {
     pub jwks_refresh_min: Duration,
     pub jwks_refresh_max: Duration,
     pub jwks_timeout: Duration,
+    pub jwks_max_stale: Duration,
+    pub token_kind: TokenKind,
+    pub introspection: Option<IntrospectionConfig>,
     pub max_message_size: usize,
     pub ping_interval: Duration,
 }
@@ -234,9 +347,10 @@ fn invalid(flag: &'static str, value: impl Into<String>, reason: impl Into<Strin
 impl Config {
     pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
         let jwks = match (args.jwks_url, args.jwks_file) {
-            (Some(raw), None) => JwksSource::Url(parse_jwks_url(&raw)?),
-            (None, Some(path)) => JwksSource::File(path),
-            _ => {
+            (Some(raw), None) => Some(JwksSource::Url(parse_url("jwks-url", &raw)?)),
+            (None, Some(path)) => Some(JwksSource::File(path)),
+            (None, None) => None,
+            (Some(_), Some(_)) => {
                 return Err(invalid(
                     "jwks-url",
                     "",
@@ -244,8 +358,48 @@ impl Config {
                 ))
             }
         };
-
-        let issuers = non_empty_list("issuer", args.issuers)?;
+        let trusted_issuers = args
+            .trusted_issuers
+            .iter()
+            .map(|raw| parse_trusted_issuer(raw))
+            .collect::<Result<Vec<_>, _>>()?;
+        let issuers = match jwks {
+            Some(_) => non_empty_list("issuer", args.issuers)?,
+            None if trusted_issuers.is_empty() => {
+                return Err(invalid(
+                    "trusted-issuer",
+                    "",
+                    "give --trusted-issuer, or --issuer with --jwks-url or --jwks-file",
+                ))
+            }
+            None => Vec::new(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        for issuer in issuers
+            .iter()
+            .chain(trusted_issuers.iter().map(|trusted| &trusted.issuer))
+        {
+            if !seen.insert(issuer.as_str()) {
+                return Err(invalid(
+                    "trusted-issuer",
+                    issuer.as_str(),
+                    "the issuer is given twice; each issuer has one JWKS",
+                ));
+            }
+        }
+        let introspection = introspection_config(
+            args.introspection_url,
+            args.introspection_client_id,
+            args.introspection_client_secret_file,
+            args.introspection_cache_ttl,
+        )?;
+        if args.token_kind == TokenKind::Opaque && introspection.is_none() {
+            return Err(invalid(
+                "token-kind",
+                "opaque",
+                "opaque tokens need --introspection-url",
+            ));
+        }
         let audiences = non_empty_list("audience", args.audiences)?;
         let algorithms = args
             .algorithms
@@ -280,6 +434,13 @@ impl Config {
                 "must not exceed --jwks-refresh-max",
             ));
         }
+        if args.jwks_max_stale < args.jwks_refresh_max {
+            return Err(invalid(
+                "jwks-max-stale",
+                humantime::format_duration(args.jwks_max_stale).to_string(),
+                "must be at least --jwks-refresh-max, or keys expire between two refreshes",
+            ));
+        }
         if args.jwks_timeout.is_zero() {
             return Err(invalid("jwks-timeout", "0s", "must be longer than zero"));
         }
@@ -305,6 +466,7 @@ impl Config {
             admin_listen: args.admin_listen,
             jwks,
             issuers,
+            trusted_issuers,
             audiences,
             algorithms,
             leeway: args.leeway,
@@ -319,22 +481,84 @@ impl Config {
             jwks_refresh_min: args.jwks_refresh_min,
             jwks_refresh_max: args.jwks_refresh_max,
             jwks_timeout: args.jwks_timeout,
+            jwks_max_stale: args.jwks_max_stale,
+            token_kind: args.token_kind,
+            introspection,
             max_message_size: args.max_message_size,
             ping_interval: args.ping_interval,
         })
     }
 }
 
-fn parse_jwks_url(raw: &str) -> Result<Url, ConfigError> {
-    let url = Url::parse(raw).map_err(|err| invalid("jwks-url", raw, err.to_string()))?;
+fn parse_url(flag: &'static str, raw: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(raw).map_err(|err| invalid(flag, raw, err.to_string()))?;
     match url.scheme() {
         "https" | "http" => Ok(url),
         other => Err(invalid(
-            "jwks-url",
+            flag,
             raw,
             format!("the scheme must be https or http, not {other}"),
         )),
     }
+}
+
+/// Parses `ISSUER=JWKS_URL`, split at the first `=` because JWKS URLs may
+/// carry `=` in their query.
+fn parse_trusted_issuer(raw: &str) -> Result<TrustedIssuer, ConfigError> {
+    let (issuer, url) = raw.split_once('=').ok_or_else(|| {
+        invalid(
+            "trusted-issuer",
+            raw,
+            "expected ISSUER=JWKS_URL, for example https://idp.example=https://idp.example/jwks",
+        )
+    })?;
+    if issuer.trim().is_empty() {
+        return Err(invalid("trusted-issuer", raw, "the issuer is empty"));
+    }
+    Ok(TrustedIssuer {
+        issuer: issuer.trim().to_string(),
+        jwks: JwksSource::Url(parse_url("trusted-issuer", url.trim())?),
+    })
+}
+
+fn introspection_config(
+    url: Option<String>,
+    client_id: Option<String>,
+    secret_file: Option<PathBuf>,
+    cache_ttl: Duration,
+) -> Result<Option<IntrospectionConfig>, ConfigError> {
+    let Some(raw_url) = url else {
+        return Ok(None);
+    };
+    let url = parse_url("introspection-url", &raw_url)?;
+    let client_id = client_id
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| invalid("introspection-client-id", "", "give a non-empty client id"))?;
+    let secret_file = secret_file.ok_or_else(|| {
+        invalid(
+            "introspection-client-secret-file",
+            "",
+            "give the path of the client secret file",
+        )
+    })?;
+    let path = secret_file.display().to_string();
+    // Only the path and the I/O error are reported, never the file's content.
+    let content = std::fs::read_to_string(&secret_file)
+        .map_err(|err| invalid("introspection-client-secret-file", &path, err.to_string()))?;
+    let secret = content.trim();
+    if secret.is_empty() {
+        return Err(invalid(
+            "introspection-client-secret-file",
+            path,
+            "the file is empty",
+        ));
+    }
+    Ok(Some(IntrospectionConfig {
+        url,
+        client_id,
+        client_secret: Secret::new(secret.to_string()),
+        cache_ttl,
+    }))
 }
 
 fn non_empty_list(flag: &'static str, values: Vec<String>) -> Result<Vec<String>, ConfigError> {

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub jwks_last_success_age_seconds: IntGauge,
     pub jwks_max_stale_seconds: IntGauge,
     pub jwks_keys_loaded: IntGauge,
+    pub introspection_breaker_state: IntGauge,
     pub issuance_duration: Histogram,
     pub redemption_duration: HistogramVec,
     pub upstream_connect_duration: Histogram,
@@ -135,6 +136,11 @@ impl Metrics {
                 "Usable verification keys loaded.",
             )
             .expect("valid metric"),
+            introspection_breaker_state: IntGauge::new(
+                "wsticket_introspection_breaker_state",
+                "State of the token introspection circuit breaker: 0 closed, 1 half-open, 2 open.",
+            )
+            .expect("valid metric"),
             issuance_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "wsticket_ticket_issuance_duration_seconds",
@@ -182,6 +188,7 @@ impl Metrics {
             Box::new(self.jwks_last_success_age_seconds.clone()),
             Box::new(self.jwks_max_stale_seconds.clone()),
             Box::new(self.jwks_keys_loaded.clone()),
+            Box::new(self.introspection_breaker_state.clone()),
             Box::new(self.issuance_duration.clone()),
             Box::new(self.redemption_duration.clone()),
             Box::new(self.upstream_connect_duration.clone()),

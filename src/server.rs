@@ -25,9 +25,7 @@ use tower_service::Service;
 use warp::reply::Response;
 
 use crate::app::AppState;
-use crate::auth::keys::{KeyStore, KeyStoreSettings};
-use crate::auth::verify::VerifierSettings;
-use crate::auth::Verifier;
+use crate::auth;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::http::{self as routes, upgrade};
@@ -43,8 +41,6 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const CACHE_CAPACITY: u64 = 2_000_000;
 /// How often expired tickets are marked and purged.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(250);
-/// How long stale keys keep verifying when the JWKS cannot be fetched.
-const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
 
 /// The two bound listeners of a server.
 pub struct Listeners {
@@ -96,7 +92,7 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::new());
     metrics
         .jwks_max_stale_seconds
-        .set(MAX_STALE.as_secs() as i64);
+        .set(i64::try_from(config.jwks_max_stale.as_secs()).unwrap_or(i64::MAX));
 
     let store_settings = StoreSettings {
         path: config.data_dir.clone(),
@@ -111,27 +107,8 @@ pub async fn serve(
     let store = Arc::new(store);
     tracing::info!(event = "store_opened", path = %config.data_dir.display(), live_tickets = metrics.live_tickets.get(), "ticket store recovered");
 
-    let keys = Arc::new(KeyStore::new(
-        KeyStoreSettings {
-            source: config.jwks.clone(),
-            refetch_interval: config.jwks_refetch_interval,
-            refresh_min: config.jwks_refresh_min,
-            refresh_max: config.jwks_refresh_max,
-            timeout: config.jwks_timeout,
-        },
-        clock.clone(),
-        metrics.clone(),
-    ));
-    let verifier = Verifier::new(
-        VerifierSettings {
-            issuers: config.issuers.clone(),
-            audiences: config.audiences.clone(),
-            algorithms: config.algorithms.clone(),
-            leeway: config.leeway,
-        },
-        keys.clone(),
-        clock.clone(),
-    );
+    let verifier = auth::verifier_from_config(&config, clock.clone(), metrics.clone());
+    let key_stores = verifier.keys().stores().to_vec();
 
     let state = Arc::new(AppState::new(
         config,
@@ -145,7 +122,10 @@ pub async fn serve(
         .store_recovered
         .store(true, Ordering::Release);
 
-    let refresh_task = tokio::spawn(keys.run_refresh());
+    let refresh_tasks: Vec<_> = key_stores
+        .into_iter()
+        .map(|store| tokio::spawn(store.run_refresh()))
+        .collect();
     let maintenance_task = tokio::spawn(store.clone().run_maintenance(MAINTENANCE_INTERVAL));
     let limiter_task = tokio::spawn(prune_rate_limiter(state.clone()));
 
@@ -200,7 +180,9 @@ pub async fn serve(
             "connections still open after the shutdown timeout"
         );
     }
-    refresh_task.abort();
+    for task in &refresh_tasks {
+        task.abort();
+    }
     maintenance_task.abort();
     limiter_task.abort();
     if let Err(err) = store.flush().await {

@@ -135,13 +135,14 @@ async fn issue(
     }
     let token = bearer_token(headers)?;
     let identity = match state.verifier.verify(token).await {
-        Ok(identity) => {
+        Ok(verified) => {
+            let cached = if verified.cached { "true" } else { "false" };
             state
                 .metrics
                 .jwt_verifications
-                .with_label_values(&["ok", "false"])
+                .with_label_values(&["ok", cached])
                 .inc();
-            identity
+            verified.identity
         }
         Err(err) => {
             let (error, reason) = match err {
