@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::store::TicketStore;
 
@@ -37,6 +38,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Tracks the tasks of open WebSockets, so shutdown can wait for them.
     pub connections: TaskTracker,
+    /// The upstream and the upgrade limits.
+    pub gateway: Gateway,
 }
 
 impl AppState {
@@ -49,6 +52,7 @@ impl AppState {
     ) -> Self {
         let per_minute = NonZeroU32::new(config.rate_limit_per_minute).unwrap_or(NonZeroU32::MIN);
         AppState {
+            gateway: Gateway::new(&config),
             ticket_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
             config,
             verifier,

@@ -14,6 +14,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use jsonwebtoken::Algorithm;
 use url::Url;
 
+use crate::gateway::settings::{GatewayArgs, GatewayConfig};
+
 /// Largest bearer token accepted, in bytes. Keycloak and Entra ID tokens that
 /// carry many roles reach 16 KiB.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -238,6 +240,10 @@ pub struct ServeArgs {
     /// Interval of the server's keepalive pings on open WebSockets.
     #[arg(long, env = "WSTICKET_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
+
+    /// The gateway, redeem API, TLS and upgrade limit flags.
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
 }
 
 #[derive(Debug, Args)]
@@ -325,6 +331,7 @@ pub struct Config {
     pub introspection: Option<IntrospectionConfig>,
     pub max_message_size: usize,
     pub ping_interval: Duration,
+    pub gateway: GatewayConfig,
 }
 
 /// A flag value that failed validation.
@@ -486,6 +493,7 @@ impl Config {
             introspection,
             max_message_size: args.max_message_size,
             ping_interval: args.ping_interval,
+            gateway: GatewayConfig::from_args(args.gateway)?,
         })
     }
 }

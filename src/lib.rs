@@ -5,6 +5,8 @@
 //! - [`server`]: runs the public and admin listeners until shutdown
 //! - [`http`]: the ticket endpoint, the upgrade, the admin routes and the error type
 //! - [`ws`]: an authenticated WebSocket after the upgrade
+//! - [`gateway`]: relaying authenticated connections to the upstream, and upgrade limits
+//! - [`tls`]: the public listener's TLS, reloaded on SIGHUP
 //! - [`auth`]: JWT verification against a JWKS, and the key fetching
 //! - [`ticket`]: ticket generation and the hashed ids used in logs and storage
 //! - [`store`]: the ticket store trait and its moka + sled implementation
@@ -19,10 +21,12 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod demo_browser;
+pub mod gateway;
 pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod ticket;
+pub mod tls;
 pub mod ws;

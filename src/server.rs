@@ -28,13 +28,13 @@ use crate::app::AppState;
 use crate::auth;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
+use crate::http::upgrade::ClientAddr;
 use crate::http::{self as routes, upgrade};
 use crate::metrics::Metrics;
 use crate::store::OpenError;
 use crate::store::{SledStore, StoreSettings};
+use crate::tls::{Tls, TlsError};
 
-/// How long to wait for open WebSockets to close after the 1001 close frame.
-pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most records kept in the in-memory cache in front of the store.
@@ -61,6 +61,8 @@ pub enum StartError {
     Store(#[from] OpenError),
     #[error("opening the store did not finish: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Binds both listeners of `config`.
@@ -88,6 +90,13 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
+    let tls = match &config.gateway.tls {
+        Some(files) => Some(Arc::new(Tls::load(files)?)),
+        None => None,
+    };
+    if tls.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(event = "tls_disabled", listen = %config.listen, "the public listener is not on loopback and has no TLS; tickets and tokens travel in clear text unless a TLS proxy is in front");
+    }
     let clock: SharedClock = Arc::new(SystemClock);
     let metrics = Arc::new(Metrics::new());
     metrics
@@ -133,8 +142,12 @@ pub async fn serve(
     let graceful = Arc::new(GracefulShutdown::new());
     let public_addr = listeners.public.local_addr().ok();
     let admin_addr = listeners.admin.local_addr().ok();
+    let reload_task = tls
+        .clone()
+        .map(|tls| tokio::spawn(crate::tls::reload_on_sighup(tls)));
     let public_task = tokio::spawn(accept_public(
         listeners.public,
+        tls,
         state.clone(),
         stop_accepting.clone(),
         graceful.clone(),
@@ -166,7 +179,7 @@ pub async fn serve(
     let _ = tokio::join!(public_task, admin_task);
     state.shutdown.cancel();
     state.connections.close();
-    let drained = tokio::time::timeout(SHUTDOWN_TIMEOUT, async {
+    let drained = tokio::time::timeout(state.config.gateway.shutdown_timeout, async {
         // The accept tasks have ended, so this is the last reference.
         if let Ok(graceful) = Arc::try_unwrap(graceful) {
             graceful.shutdown().await;
@@ -185,6 +198,9 @@ pub async fn serve(
     }
     maintenance_task.abort();
     limiter_task.abort();
+    if let Some(task) = reload_task {
+        task.abort();
+    }
     if let Err(err) = store.flush().await {
         tracing::error!(event = "store_error", error = %err, "final flush of the store failed");
     }
@@ -200,6 +216,7 @@ async fn prune_rate_limiter(state: Arc<AppState>) {
         ticker.tick().await;
         state.ticket_limiter.retain_recent();
         state.ticket_limiter.shrink_to_fit();
+        state.gateway.prune();
     }
 }
 
@@ -214,6 +231,7 @@ fn connection_builder() -> Builder<TokioExecutor> {
 
 async fn accept_public(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     state: Arc<AppState>,
     stop: CancellationToken,
     graceful: Arc<GracefulShutdown>,
@@ -225,9 +243,13 @@ async fn accept_public(
         };
         let state = state.clone();
         let routes = routes.clone();
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let client_addr = stream.peer_addr().ok().map(ClientAddr);
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             let state = state.clone();
             let mut routes = routes.clone();
+            if let Some(client_addr) = client_addr {
+                request.extensions_mut().insert(client_addr);
+            }
             async move {
                 if request.uri().path() == "/ws" {
                     Ok::<Response, Infallible>(upgrade::handle(state, request).await)
@@ -236,13 +258,42 @@ async fn accept_public(
                 }
             }
         });
-        let connection = connection_builder()
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let Some(tls) = tls.clone() else {
+            let connection = connection_builder()
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::debug!(error = %err, "HTTP connection ended with an error");
+                }
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task, so a slow client
+        // cannot hold up the accept loop. The task gives up its reference to
+        // `graceful` as soon as it can, because shutdown needs the last one.
+        let graceful = graceful.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
+            let handshake = tokio::select! {
+                handshake = tls.accept(stream) => handshake,
+                () = stop.cancelled() => return,
+            };
+            let stream = match handshake {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::debug!(error = %err, "TLS handshake failed");
+                    return;
+                }
+            };
+            let connection = connection_builder()
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            drop(graceful);
             if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "HTTP connection ended with an error");
+                tracing::debug!(error = %err, "HTTPS connection ended with an error");
             }
         });
     }

@@ -13,6 +13,8 @@ use serde::Serialize;
 use warp::reply::Response;
 use warp::Reply;
 
+use crate::store::RedeemError;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiError {
     MissingToken,
@@ -35,6 +37,18 @@ pub enum ApiError {
     UpgradeRequired,
     NotFound,
     MethodNotAllowed,
+    /// The upstream could not be reached after the ticket was consumed.
+    UpstreamUnavailable,
+    /// Too many failed upgrades from one client IP address.
+    UpgradesRateLimited {
+        retry_after: Duration,
+    },
+    /// The subject already has `--max-connections-per-subject` connections.
+    TooManyConnections,
+    /// The redeem API was called but no `--admin-token-file` is set.
+    RedeemDisabled,
+    /// The redeem API was called without the admin token, or with another.
+    InvalidAdminToken,
 }
 
 #[derive(Serialize)]
@@ -51,7 +65,12 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED
             }
             InvalidTicket | TicketAlreadyUsed | OriginNotAllowed => StatusCode::FORBIDDEN,
-            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | UpgradesRateLimited { .. } | TooManyConnections => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            RedeemDisabled => StatusCode::NOT_FOUND,
+            InvalidAdminToken => StatusCode::UNAUTHORIZED,
             AuthUnavailable { .. } | StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             InvalidRequest(_) => StatusCode::BAD_REQUEST,
             UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
@@ -78,6 +97,11 @@ impl ApiError {
             UpgradeRequired => "websocket_upgrade_required",
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
+            UpstreamUnavailable => "upstream_unavailable",
+            UpgradesRateLimited { .. } => "rate_limited",
+            TooManyConnections => "too_many_connections",
+            RedeemDisabled => "redeem_api_disabled",
+            InvalidAdminToken => "invalid_admin_token",
         }
     }
 
@@ -99,6 +123,11 @@ impl ApiError {
             UpgradeRequired => "This endpoint only accepts WebSocket upgrade requests (version 13).",
             NotFound => "No such endpoint.",
             MethodNotAllowed => "This endpoint does not accept that HTTP method.",
+            UpstreamUnavailable => "The application server could not be reached. The ticket has been used: request a new ticket and try again.",
+            UpgradesRateLimited { .. } => "Too many failed upgrades from this address; retry after the time in Retry-After.",
+            TooManyConnections => "This user has too many open connections; close one, then request a new ticket.",
+            RedeemDisabled => "The redeem API is disabled; start wsticket with --admin-token-file to enable it.",
+            InvalidAdminToken => "Send the token of --admin-token-file as 'Authorization: Bearer <token>'.",
         }
     }
 
@@ -106,15 +135,17 @@ impl ApiError {
     pub fn is_server_side(&self) -> bool {
         matches!(
             self,
-            ApiError::AuthUnavailable { .. } | ApiError::StoreUnavailable
+            ApiError::AuthUnavailable { .. }
+                | ApiError::StoreUnavailable
+                | ApiError::UpstreamUnavailable
         )
     }
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            ApiError::RateLimited { retry_after } | ApiError::AuthUnavailable { retry_after } => {
-                Some(*retry_after)
-            }
+            ApiError::RateLimited { retry_after }
+            | ApiError::AuthUnavailable { retry_after }
+            | ApiError::UpgradesRateLimited { retry_after } => Some(*retry_after),
             ApiError::StoreUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -129,8 +160,7 @@ impl ApiError {
         let mut response =
             warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
         let headers = response.headers_mut();
-        if let Some(retry_after) = self.retry_after() {
-            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        if let Some(seconds) = self.retry_after_seconds() {
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         if let Some(challenge) = self.challenge(realm) {
@@ -156,6 +186,29 @@ impl ApiError {
         response
     }
 
+    /// Returns the close code of `--reject-with close`: 4000 + the HTTP
+    /// status of the same rejection.
+    pub fn close_code(&self) -> u16 {
+        4000 + self.status().as_u16()
+    }
+
+    /// Returns the close reason of `--reject-with close`: the JSON object
+    /// `{"error":"<code>"}`, plus `"retry_after"` in seconds where the HTTP
+    /// answer has `Retry-After`. It stays within the 123 bytes a close frame
+    /// allows, because the longest code has 20 characters.
+    pub fn close_reason(&self) -> String {
+        let mut reason = serde_json::json!({ "error": self.code() });
+        if let Some(seconds) = self.retry_after_seconds() {
+            reason["retry_after"] = seconds.into();
+        }
+        reason.to_string()
+    }
+
+    fn retry_after_seconds(&self) -> Option<u64> {
+        self.retry_after()
+            .map(|retry_after| retry_after.as_secs_f64().ceil().max(1.0) as u64)
+    }
+
     /// The RFC 6750 challenge: plain `Bearer` when no token came, with
     /// `error="invalid_token"` when one was rejected.
     fn challenge(&self, realm: Option<&str>) -> Option<String> {
@@ -165,7 +218,7 @@ impl ApiError {
         }
         match self {
             ApiError::MissingToken => {}
-            ApiError::InvalidToken | ApiError::TokenExpired => {
+            ApiError::InvalidToken | ApiError::TokenExpired | ApiError::InvalidAdminToken => {
                 params.push("error=\"invalid_token\"".to_string());
             }
             _ => return None,
@@ -175,5 +228,81 @@ impl ApiError {
         } else {
             Some(format!("Bearer {}", params.join(", ")))
         }
+    }
+}
+
+impl From<RedeemError> for ApiError {
+    fn from(err: RedeemError) -> Self {
+        match err {
+            RedeemError::Unknown => ApiError::InvalidTicket,
+            RedeemError::AlreadyUsed => ApiError::TicketAlreadyUsed,
+            RedeemError::Expired => ApiError::TicketExpired,
+            RedeemError::OriginMismatch => ApiError::OriginNotAllowed,
+            RedeemError::Store => ApiError::StoreUnavailable,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every error an upgrade can end with, as `--reject-with close` sends it.
+    fn upgrade_errors() -> Vec<ApiError> {
+        let wait = Duration::from_secs(86_400);
+        vec![
+            ApiError::MissingTicket,
+            ApiError::InvalidTicket,
+            ApiError::TicketAlreadyUsed,
+            ApiError::TicketExpired,
+            ApiError::OriginNotAllowed,
+            ApiError::InvalidRequest("x"),
+            ApiError::StoreUnavailable,
+            ApiError::UpstreamUnavailable,
+            ApiError::UpgradesRateLimited { retry_after: wait },
+            ApiError::TooManyConnections,
+        ]
+    }
+
+    #[test]
+    fn close_reasons_fit_a_close_frame() {
+        for error in upgrade_errors() {
+            let reason = error.close_reason();
+            assert!(reason.len() <= 123, "{} bytes: {reason}", reason.len());
+            let parsed: serde_json::Value = serde_json::from_str(&reason).expect("JSON reason");
+            assert_eq!(parsed["error"], error.code());
+        }
+    }
+
+    #[test]
+    fn close_codes_add_4000_to_status() {
+        assert_eq!(ApiError::MissingTicket.close_code(), 4401);
+        assert_eq!(ApiError::TicketExpired.close_code(), 4401);
+        assert_eq!(ApiError::InvalidTicket.close_code(), 4403);
+        assert_eq!(ApiError::TicketAlreadyUsed.close_code(), 4403);
+        assert_eq!(ApiError::OriginNotAllowed.close_code(), 4403);
+        assert_eq!(ApiError::TooManyConnections.close_code(), 4429);
+        assert_eq!(ApiError::UpstreamUnavailable.close_code(), 4502);
+        assert_eq!(ApiError::StoreUnavailable.close_code(), 4503);
+    }
+
+    #[test]
+    fn retry_after_is_in_close_reason() {
+        let limited = ApiError::UpgradesRateLimited {
+            retry_after: Duration::from_millis(1500),
+        };
+        assert_eq!(limited.close_code(), 4429);
+        assert_eq!(
+            limited.close_reason(),
+            r#"{"error":"rate_limited","retry_after":2}"#
+        );
+        assert_eq!(
+            ApiError::StoreUnavailable.close_reason(),
+            r#"{"error":"store_unavailable","retry_after":1}"#
+        );
+        assert_eq!(
+            ApiError::InvalidTicket.close_reason(),
+            r#"{"error":"invalid_ticket"}"#
+        );
     }
 }

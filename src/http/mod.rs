@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod client_js;
 pub mod error;
+pub mod redeem;
 pub mod ticket;
 pub mod upgrade;
 
@@ -36,7 +37,11 @@ pub fn public_routes(
 pub fn admin_routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    admin::routes(state).recover(handle_rejection).unify()
+    admin::routes(state.clone())
+        .or(redeem::routes(state))
+        .unify()
+        .recover(handle_rejection)
+        .unify()
 }
 
 /// Turns warp's rejections (no route, wrong method, CORS) into JSON errors.

@@ -17,6 +17,7 @@ use crate::app::AppState;
 use crate::auth::AuthError;
 use crate::clock::format_rfc3339;
 use crate::config::{normalize_origin, MAX_TOKEN_BYTES};
+use crate::gateway::forwarded_claims;
 use crate::http::{json_response, with_request_id, ApiError};
 use crate::store::{TicketRecord, TicketState};
 use crate::ticket::{self, log_id};
@@ -193,7 +194,7 @@ async fn issue(
         issued_at_ms: now_ms,
         expires_at_ms: now_ms.saturating_add(ttl_ms),
         token_expires_at: identity.token_expires_at,
-        claims_json: String::new(),
+        claims_json: forwarded_claims(&identity.claims, &state.config.gateway.forward_claims),
     };
     let key = ticket::key_of(&ticket);
     if let Err(err) = state.store.insert(&key, &record).await {

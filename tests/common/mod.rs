@@ -6,6 +6,8 @@
 //! helper.
 #![allow(dead_code)]
 
+pub mod upstream;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -97,6 +99,11 @@ impl Signer {
         let mut header = Header::new(alg);
         header.kid = kid.map(str::to_owned);
         jsonwebtoken::encode(&header, claims, &Self::key(key)).expect("signing works")
+    }
+
+    /// Signs an RS256 token by `rsa-a` with the given claims.
+    pub fn token_with(claims: &Value) -> String {
+        Self::sign(Algorithm::RS256, "rsa-a", Some("rsa-a"), claims)
     }
 
     /// An RS256 token by `rsa-a` for `subject`.
@@ -304,6 +311,43 @@ impl Server {
         format!("ws://{}/ws{query}", self.public)
     }
 
+    /// Returns the process id, for signals and /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process, in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS line")
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, …) to the process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits up to 10 s for a log event named `name` and returns it.
+    pub async fn wait_event(&self, name: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(event) = self.events(name).pop() {
+                return event;
+            }
+            assert!(Instant::now() < deadline, "no {name} event in 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Every line the process printed so far.
     pub fn logs(&self) -> Vec<String> {
         self.lines.lock().expect("lock").clone()
@@ -459,6 +503,27 @@ pub struct Rejection {
     pub status: u16,
     pub code: String,
     pub connection: Option<String>,
+}
+
+/// Builds the client request for `/ws` with a query string and extra
+/// headers.
+pub fn ws_request(
+    server: &Server,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut request = server
+        .ws_url(query)
+        .into_client_request()
+        .expect("valid ws URL");
+    for (name, value) in headers {
+        let name: tokio_tungstenite::tungstenite::http::HeaderName =
+            name.parse().expect("header name");
+        request
+            .headers_mut()
+            .append(name, HeaderValue::from_str(value).expect("header value"));
+    }
+    request
 }
 
 /// Opens `/ws` with a query string and extra headers.
