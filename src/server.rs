@@ -43,6 +43,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const CACHE_CAPACITY: u64 = 2_000_000;
 /// How often expired tickets are marked and purged.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a store taken out of service by a write failure is reopened.
+const STORE_REPAIR_INTERVAL: Duration = Duration::from_secs(1);
 /// How long stale keys keep verifying when the JWKS cannot be fetched.
 const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
 
@@ -102,6 +104,8 @@ pub async fn serve(
         path: config.data_dir.clone(),
         grace: config.expired_grace,
         cache_capacity: CACHE_CAPACITY,
+        sync: config.sync,
+        sync_interval: config.sync_interval,
     };
     let store = {
         let (clock, metrics) = (clock.clone(), metrics.clone());
@@ -109,6 +113,8 @@ pub async fn serve(
             .await??
     };
     let store = Arc::new(store);
+    let flusher_task = store.spawn_flusher();
+    let repair_task = tokio::spawn(store.clone().run_repair(STORE_REPAIR_INTERVAL));
     tracing::info!(event = "store_opened", path = %config.data_dir.display(), live_tickets = metrics.live_tickets.get(), "ticket store recovered");
 
     let keys = Arc::new(KeyStore::new(
@@ -203,7 +209,9 @@ pub async fn serve(
     refresh_task.abort();
     maintenance_task.abort();
     limiter_task.abort();
-    if let Err(err) = store.flush().await {
+    flusher_task.abort();
+    repair_task.abort();
+    if let Err(err) = store.flush_now().await {
         tracing::error!(event = "store_error", error = %err, "final flush of the store failed");
     }
     tracing::info!(event = "shutdown_finished", "server stopped");
