@@ -82,7 +82,13 @@ impl Lcg {
     }
 }
 
-async fn run_clients(server: &Server, history: Arc<Mutex<History>>, seed: u64) {
+/// Starts the clients and returns once the kill moment has come; the
+/// returned tasks end by themselves once the server is gone.
+async fn run_clients(
+    server: &Server,
+    history: Arc<Mutex<History>>,
+    seed: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let stop = Arc::new(AtomicBool::new(false));
     let server_url = server.url("/websocket/ticket");
     let public = server.public;
@@ -90,7 +96,7 @@ async fn run_clients(server: &Server, history: Arc<Mutex<History>>, seed: u64) {
     for client in 0..CLIENTS {
         let (history, stop, url) = (history.clone(), stop.clone(), server_url.clone());
         let token = Signer::token(&format!("crash-client-{client}"));
-        let mut rng = Lcg(seed ^ (client as u64 + 1) * 0x9e37_79b9);
+        let mut rng = Lcg(seed ^ ((client as u64 + 1) * 0x9e37_79b9));
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
@@ -136,7 +142,7 @@ async fn run_clients(server: &Server, history: Arc<Mutex<History>>, seed: u64) {
     let mut rng = Lcg(seed);
     tokio::time::sleep(Duration::from_millis(30 + rng.below(250))).await;
     stop.store(true, Ordering::Relaxed);
-    let _ = tasks;
+    tasks
 }
 
 /// Records an acknowledged issuance that the restarted server rejects: a
@@ -243,7 +249,7 @@ async fn crash_cycles(
     let seed = std::env::var("WSTICKET_CRASH_SEED")
         .ok()
         .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| now_secs());
+        .unwrap_or_else(now_secs);
     let history = Arc::new(Mutex::new(History::default()));
     let mut violations = Violations::default();
     let mut rng = Lcg(seed);
@@ -251,18 +257,21 @@ async fn crash_cycles(
     for cycle in 0..cycles {
         let server = Server::start(options()).await;
         if cycle > 0 {
-            let mut history = history.lock().expect("lock");
-            check(&server, &mut history, &mut violations, false, loss_window).await;
+            let mut taken = std::mem::take(&mut *history.lock().expect("lock"));
+            check(&server, &mut taken, &mut violations, false, loss_window).await;
+            *history.lock().expect("lock") = taken;
         }
-        run_clients(&server, history.clone(), rng.next()).await;
+        let clients = run_clients(&server, history.clone(), rng.next()).await;
         history.lock().expect("lock").killed_at = Some(Instant::now());
         server.kill().await;
+        for client in clients {
+            client.await.expect("client task");
+        }
     }
     let server = Server::start(options()).await;
-    {
-        let mut history = history.lock().expect("lock");
-        check(&server, &mut history, &mut violations, true, loss_window).await;
-    }
+    let mut taken = std::mem::take(&mut *history.lock().expect("lock"));
+    check(&server, &mut taken, &mut violations, true, loss_window).await;
+    *history.lock().expect("lock") = taken;
     drop(server);
     let history = Arc::try_unwrap(history)
         .ok()

@@ -85,9 +85,7 @@ impl GroupCommit {
             // Writes numbered up to here were made before this flush starts.
             let generation = self.requested.load(Ordering::Acquire);
             let flush = flush.clone();
-            let ok = tokio::task::spawn_blocking(flush)
-                .await
-                .unwrap_or(false);
+            let ok = tokio::task::spawn_blocking(flush).await.unwrap_or(false);
             self.flushed.send_replace(Flushed {
                 generation,
                 failed: !ok,
