@@ -38,6 +38,30 @@ pub enum Command {
     /// Walk a client through JWT -> ticket -> WebSocket on this machine, with a
     /// throwaway key pair and a temporary data directory.
     Demo(DemoArgs),
+    /// Inspect or compact a stopped server's ticket store.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Print how many records the store holds, by state, and its size on disk.
+    /// Ticket values are never printed (the store does not contain them).
+    Inspect(StoreArgs),
+    /// Drop records past their grace window and rewrite the store into a new
+    /// directory, which gives the space of deleted records back to the disk.
+    Compact(StoreArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Directory of the ticket store. The server must not be running on it.
+    #[arg(long, env = "WSTICKET_DATA_DIR", default_value = "./wsticket-data")]
+    pub data_dir: PathBuf,
+
+    /// How long expired records are kept, as for `serve`.
+    #[arg(long, env = "WSTICKET_EXPIRED_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub expired_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -66,6 +90,17 @@ pub enum TokenKind {
     /// JWTs are verified against the JWKS; other tokens go to introspection
     /// when an introspection URL is set, and are rejected otherwise.
     Auto,
+}
+
+/// When writes to the ticket store reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyncMode {
+    /// Every issuance and consumption is flushed before it is answered;
+    /// concurrent requests share one flush.
+    Always,
+    /// Consumptions are flushed before they are answered, issuances at most
+    /// `--sync-interval` later: a kill -9 can lose tickets issued in that window.
+    Batched,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -154,6 +189,14 @@ pub struct ServeArgs {
     /// Directory of the embedded ticket store.
     #[arg(long, env = "WSTICKET_DATA_DIR", default_value = "./wsticket-data")]
     pub data_dir: PathBuf,
+
+    /// When store writes reach the disk: always (before answering) or batched.
+    #[arg(long, env = "WSTICKET_SYNC", value_enum, default_value_t = SyncMode::Always)]
+    pub sync: SyncMode,
+
+    /// Longest delay before an issuance is flushed under --sync batched.
+    #[arg(long, env = "WSTICKET_SYNC_INTERVAL", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub sync_interval: Duration,
 
     /// Tickets per user (JWT sub) per minute.
     #[arg(long, env = "WSTICKET_RATE_LIMIT", default_value_t = 60)]
@@ -318,6 +361,8 @@ pub struct Config {
     pub ticket_ttl: Duration,
     pub expired_grace: Duration,
     pub data_dir: PathBuf,
+    pub sync: SyncMode,
+    pub sync_interval: Duration,
     pub rate_limit_per_minute: u32,
     pub allowed_origins: Vec<String>,
     pub log_format: LogFormat,
@@ -427,6 +472,13 @@ impl Config {
                 "the ticket lifetime must be at least 1s",
             ));
         }
+        if args.sync_interval.is_zero() || args.sync_interval > Duration::from_secs(1) {
+            return Err(invalid(
+                "sync-interval",
+                humantime::format_duration(args.sync_interval).to_string(),
+                "must be between 1ms and 1s",
+            ));
+        }
         if args.rate_limit == 0 {
             return Err(invalid(
                 "rate-limit",
@@ -480,6 +532,8 @@ impl Config {
             ticket_ttl,
             expired_grace: args.expired_grace,
             data_dir: args.data_dir,
+            sync: args.sync,
+            sync_interval: args.sync_interval,
             rate_limit_per_minute: args.rate_limit,
             allowed_origins,
             log_format: args.log_format,

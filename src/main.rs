@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use wsticket::config::{Cli, Command, Config};
-use wsticket::{demo, logging, server};
+use wsticket::{demo, logging, server, store};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -35,5 +35,15 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Store(command) => match store::cli::run(command) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("wsticket: {err}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

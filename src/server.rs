@@ -41,6 +41,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const CACHE_CAPACITY: u64 = 2_000_000;
 /// How often expired tickets are marked and purged.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a store taken out of service by a write failure is reopened.
+const STORE_REPAIR_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The two bound listeners of a server.
 pub struct Listeners {
@@ -107,6 +109,8 @@ pub async fn serve(
         path: config.data_dir.clone(),
         grace: config.expired_grace,
         cache_capacity: CACHE_CAPACITY,
+        sync: config.sync,
+        sync_interval: config.sync_interval,
     };
     let store = {
         let (clock, metrics) = (clock.clone(), metrics.clone());
@@ -114,6 +118,8 @@ pub async fn serve(
             .await??
     };
     let store = Arc::new(store);
+    let flusher_task = store.spawn_flusher();
+    let repair_task = tokio::spawn(store.clone().run_repair(STORE_REPAIR_INTERVAL));
     tracing::info!(event = "store_opened", path = %config.data_dir.display(), live_tickets = metrics.live_tickets.get(), "ticket store recovered");
 
     let verifier = auth::verifier_from_config(&config, clock.clone(), metrics.clone());
@@ -201,7 +207,9 @@ pub async fn serve(
     if let Some(task) = reload_task {
         task.abort();
     }
-    if let Err(err) = store.flush().await {
+    flusher_task.abort();
+    repair_task.abort();
+    if let Err(err) = store.flush_now().await {
         tracing::error!(event = "store_error", error = %err, "final flush of the store failed");
     }
     tracing::info!(event = "shutdown_finished", "server stopped");

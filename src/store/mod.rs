@@ -4,6 +4,8 @@
 //! without touching it. Records are keyed by the SHA-256 of the ticket
 //! ([`crate::ticket::TicketKey`]); the ticket value itself is never stored.
 
+pub mod cli;
+mod group_commit;
 mod record;
 mod sled_store;
 
@@ -34,6 +36,10 @@ pub enum StoreError {
     Engine(#[from] sled::Error),
     #[error("stored record cannot be decoded: {0}")]
     Corrupt(#[from] postcard::Error),
+    #[error(transparent)]
+    Flush(#[from] group_commit::FlushError),
+    #[error("the store is out of service after a write failure and is being reopened")]
+    Unavailable,
 }
 
 /// Counts of what the store holds.

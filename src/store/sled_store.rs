@@ -17,15 +17,18 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use moka::sync::Cache;
 use moka::Expiry;
 
+use super::group_commit::GroupCommit;
 use super::{RedeemError, StoreCounts, StoreError, TicketRecord, TicketState, TicketStore};
 use crate::clock::SharedClock;
+use crate::config::SyncMode;
 use crate::metrics::Metrics;
 use crate::ticket::{log_id, TicketKey};
 
@@ -37,7 +40,15 @@ pub struct StoreSettings {
     pub grace: Duration,
     /// Most records held in the cache.
     pub cache_capacity: u64,
+    pub sync: SyncMode,
+    /// Flush period of `SyncMode::Batched`.
+    pub sync_interval: Duration,
 }
+
+/// Memory sled may use for its page cache. sled's default (1 GiB) would
+/// dominate the process's memory; records are small and the moka cache
+/// answers most reads.
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A failure to open the data directory.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +103,15 @@ impl Expiry<TicketKey, Arc<TicketRecord>> for RecordExpiry {
 }
 
 pub struct SledStore {
-    db: sled::Db,
+    path: PathBuf,
+    /// The open database, or `None` while it is being reopened after a
+    /// write failure.
+    db: RwLock<Option<sled::Db>>,
+    /// False from a failed write until the database has been reopened.
+    healthy: AtomicBool,
+    group_commit: Arc<GroupCommit>,
+    sync: SyncMode,
+    sync_interval: Duration,
     cache: Cache<TicketKey, Arc<TicketRecord>>,
     schedule: Mutex<Schedule>,
     grace_ms: u64,
@@ -118,7 +137,12 @@ impl SledStore {
             })
             .build();
         let store = SledStore {
-            db,
+            path: settings.path.clone(),
+            db: RwLock::new(Some(db)),
+            healthy: AtomicBool::new(true),
+            group_commit: Arc::new(GroupCommit::new()),
+            sync: settings.sync,
+            sync_interval: settings.sync_interval,
             cache,
             schedule: Mutex::new(BinaryHeap::new()),
             grace_ms,
@@ -133,19 +157,24 @@ impl SledStore {
     }
 
     fn recover(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
         let now = self.clock.now_ms();
         let mut live = 0i64;
+        self.cache.invalidate_all();
         let mut schedule = self.lock_schedule();
-        for entry in self.db.iter() {
+        schedule.clear();
+        for entry in db.iter() {
             let (raw_key, bytes) = entry?;
             let Ok(key) = TicketKey::try_from(raw_key.as_ref()) else {
-                // Not a ticket record; nothing else is written to this tree.
-                self.db.remove(raw_key)?;
-                continue;
+                // Nothing but ticket records is written to this tree, so a
+                // key of another length is damage: stop rather than guess.
+                return Err(StoreError::Corrupt(
+                    postcard::Error::DeserializeUnexpectedEnd,
+                ));
             };
             let record = TicketRecord::decode(&bytes)?;
             if now >= record.expires_at_ms.saturating_add(self.grace_ms) {
-                self.db.remove(key)?;
+                db.remove(key)?;
                 continue;
             }
             if record.state == TicketState::Issued && !record.is_expired_at(now) {
@@ -173,15 +202,121 @@ impl SledStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Flushes sled's buffers to disk.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+    /// Returns the open database, or `Unavailable` while it is being
+    /// reopened after a write failure.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        if !self.healthy.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable);
+        }
+        self.db
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+            .ok_or(StoreError::Unavailable)
+    }
+
+    /// Takes the store out of service after a failed write. sled keeps
+    /// returning the first I/O error once it has seen one, so the database is
+    /// reopened by [`Self::run_repair`] before writes are tried again.
+    fn mark_failed(&self, err: &dyn std::fmt::Display) {
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            tracing::error!(event = "store_error", path = %self.path.display(), error = %err, "ticket store write failed; answering store_unavailable until the store is reopened");
+        }
+    }
+
+    /// Tells whether the store accepts writes.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Reopens the database after a write failure, every `interval`, until
+    /// it succeeds; then loads the records again. Runs until dropped.
+    pub async fn run_repair(self: Arc<Self>, interval: Duration) {
+        let mut attempts: u64 = 0;
+        loop {
+            tokio::time::sleep(interval).await;
+            if self.is_healthy() {
+                attempts = 0;
+                continue;
+            }
+            attempts += 1;
+            let store = self.clone();
+            let result = tokio::task::spawn_blocking(move || store.reopen()).await;
+            match result {
+                Ok(Ok(())) => {
+                    tracing::info!(event = "store_recovered", path = %self.path.display(), attempts, "ticket store reopened after a write failure");
+                }
+                Ok(Err(err)) if attempts == 1 || attempts.is_multiple_of(30) => {
+                    tracing::error!(event = "store_error", path = %self.path.display(), attempts, error = %err, "reopening the ticket store failed; retrying");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn reopen(&self) -> Result<(), String> {
+        let mut slot = self
+            .db
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Dropping the failed handle releases the directory lock once the
+        // last clone held by a request in flight is gone.
+        slot.take();
+        let db = open_db(&self.path).map_err(|err| err.to_string())?;
+        *slot = Some(db);
+        drop(slot);
+        self.healthy.store(true, Ordering::Release);
+        if let Err(err) = self.recover() {
+            self.healthy.store(false, Ordering::Release);
+            return Err(err.to_string());
+        }
         Ok(())
+    }
+
+    /// Waits until every write made so far is on disk, sharing the flush
+    /// with concurrent callers. Needs [`Self::spawn_flusher`] to be running.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.group_commit.wait_durable().await?;
+        Ok(())
+    }
+
+    /// Flushes at once, without the flusher task; for shutdown.
+    pub async fn flush_now(&self) -> Result<(), StoreError> {
+        self.db()?.flush_async().await?;
+        Ok(())
+    }
+
+    /// Flushes on the calling thread; returns false and takes the store out
+    /// of service when the flush fails.
+    fn flush_blocking(&self) -> bool {
+        let result = self
+            .db()
+            .and_then(|db| db.flush().map_err(StoreError::from));
+        match result {
+            Ok(_) => true,
+            Err(StoreError::Unavailable) => false,
+            Err(err) => {
+                self.mark_failed(&err);
+                false
+            }
+        }
+    }
+
+    /// Starts the task that runs the group-commit flushes. The task stops
+    /// when the returned handle is aborted.
+    pub fn spawn_flusher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let store = Arc::downgrade(self);
+        let flush = move || store.upgrade().is_some_and(|store| store.flush_blocking());
+        let interval = match self.sync {
+            SyncMode::Always => None,
+            SyncMode::Batched => Some(self.sync_interval),
+        };
+        tokio::spawn(self.group_commit.clone().run(flush, interval))
     }
 
     /// Size of the store's files on disk, in bytes.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db().and_then(|db| Ok(db.size_on_disk()?)).unwrap_or(0)
     }
 
     /// Handles every schedule entry that is due: marks tickets expired and
@@ -213,8 +348,9 @@ impl SledStore {
     }
 
     fn expire(&self, key: &TicketKey, now: u64) -> Result<(), StoreError> {
+        let db = self.db()?;
         loop {
-            let Some(bytes) = self.db.get(key)? else {
+            let Some(bytes) = db.get(key)? else {
                 return Ok(());
             };
             let record = TicketRecord::decode(&bytes)?;
@@ -229,8 +365,7 @@ impl SledStore {
                     state: TicketState::Expired,
                     ..record.clone()
                 };
-                if self
-                    .db
+                if db
                     .compare_and_swap(key, Some(bytes), Some(expired.encode()))?
                     .is_err()
                 {
@@ -255,7 +390,8 @@ impl SledStore {
     }
 
     fn purge(&self, key: &TicketKey, now: u64) -> Result<(), StoreError> {
-        if let Some(bytes) = self.db.get(key)? {
+        let db = self.db()?;
+        if let Some(bytes) = db.get(key)? {
             let record = TicketRecord::decode(&bytes)?;
             if now < record.expires_at_ms.saturating_add(self.grace_ms) {
                 return Ok(());
@@ -264,9 +400,7 @@ impl SledStore {
                 // Purged without passing through expiry (the clock jumped).
                 self.metrics.live_tickets.dec();
             }
-            self.db
-                .compare_and_swap(key, Some(bytes), None::<&[u8]>)?
-                .ok();
+            db.compare_and_swap(key, Some(bytes), None::<&[u8]>)?.ok();
         }
         self.cache.invalidate(key);
         Ok(())
@@ -288,7 +422,7 @@ impl SledStore {
         &self,
         key: &TicketKey,
     ) -> Result<Option<(sled::IVec, TicketRecord)>, StoreError> {
-        match self.db.get(key)? {
+        match self.db()?.get(key)? {
             None => Ok(None),
             Some(bytes) => {
                 let record = TicketRecord::decode(&bytes)?;
@@ -298,8 +432,12 @@ impl SledStore {
     }
 }
 
-fn open_db(path: &Path) -> Result<sled::Db, OpenError> {
-    match sled::Config::new().path(path).open() {
+pub(super) fn open_db(path: &Path) -> Result<sled::Db, OpenError> {
+    let config = sled::Config::new()
+        .path(path)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .flush_every_ms(None);
+    match config.open() {
         Ok(db) => Ok(db),
         Err(sled::Error::Io(io)) if io.kind() == std::io::ErrorKind::WouldBlock => {
             Err(OpenError::Locked {
@@ -323,8 +461,15 @@ fn open_db(path: &Path) -> Result<sled::Db, OpenError> {
 #[async_trait]
 impl TicketStore for SledStore {
     async fn insert(&self, key: &TicketKey, record: &TicketRecord) -> Result<(), StoreError> {
-        self.db.insert(key, record.encode())?;
-        self.flush().await?;
+        let db = self.db()?;
+        if let Err(err) = db.insert(key, record.encode()) {
+            self.mark_failed(&err);
+            return Err(err.into());
+        }
+        drop(db);
+        if self.sync == SyncMode::Always {
+            self.flush().await?;
+        }
         self.cache.insert(*key, Arc::new(record.clone()));
         self.lock_schedule()
             .push(Reverse((record.expires_at_ms, Due::Expiry, *key)));
@@ -367,16 +512,17 @@ impl TicketStore for SledStore {
                 state: TicketState::Consumed,
                 ..record
             };
-            match self
-                .db
-                .compare_and_swap(key, Some(bytes), Some(consumed.encode()))
-            {
+            let db = match self.db() {
+                Ok(db) => db,
+                Err(_) => return Err(RedeemError::Store),
+            };
+            match db.compare_and_swap(key, Some(bytes), Some(consumed.encode())) {
                 Ok(Ok(())) => break consumed,
                 // Another redemption or the expiry schedule changed the record
                 // first; read it again to report what it is now.
                 Ok(Err(_)) => continue,
                 Err(err) => {
-                    tracing::error!(event = "store_error", ticket_id = %log_id(key), error = %err, "writing a consumption failed");
+                    self.mark_failed(&err);
                     return Err(RedeemError::Store);
                 }
             }
@@ -395,7 +541,10 @@ impl TicketStore for SledStore {
     fn counts(&self) -> StoreCounts {
         let now = self.clock.now_ms();
         let mut counts = StoreCounts::default();
-        for entry in self.db.iter().values() {
+        let Ok(db) = self.db() else {
+            return counts;
+        };
+        for entry in db.iter().values() {
             let Ok(bytes) = entry else { continue };
             let Ok(record) = TicketRecord::decode(&bytes) else {
                 continue;
@@ -430,14 +579,47 @@ mod tests {
         }
     }
 
-    fn open(dir: &Path, clock: &ManualClock) -> SledStore {
-        let settings = StoreSettings {
+    /// A store with its flusher; dropping it stops the flusher, which
+    /// releases the data directory.
+    struct TestStore {
+        store: Arc<SledStore>,
+        flusher: tokio::task::JoinHandle<()>,
+    }
+
+    impl std::ops::Deref for TestStore {
+        type Target = SledStore;
+        fn deref(&self) -> &SledStore {
+            &self.store
+        }
+    }
+
+    impl TestStore {
+        async fn close(self) {
+            self.flusher.abort();
+            let _ = self.flusher.await;
+        }
+    }
+
+    fn open(dir: &Path, clock: &ManualClock) -> TestStore {
+        let store = SledStore::open(
+            &settings(dir),
+            Arc::new(clock.clone()),
+            Arc::new(Metrics::new()),
+        )
+        .expect("store opens");
+        let store = Arc::new(store);
+        let flusher = store.spawn_flusher();
+        TestStore { store, flusher }
+    }
+
+    fn settings(dir: &Path) -> StoreSettings {
+        StoreSettings {
             path: dir.to_owned(),
             grace: Duration::from_secs(300),
             cache_capacity: 10_000,
-        };
-        SledStore::open(&settings, Arc::new(clock.clone()), Arc::new(Metrics::new()))
-            .expect("store opens")
+            sync: SyncMode::Always,
+            sync_interval: Duration::from_millis(10),
+        }
     }
 
     #[tokio::test]
@@ -536,6 +718,7 @@ mod tests {
                     .expect("insert");
             }
             store.consume(&used, None).await.expect("first use");
+            store.close().await;
         }
         let store = open(dir.path(), &clock);
         assert_eq!(
@@ -556,6 +739,7 @@ mod tests {
                 .insert(&key, &record(Duration::from_secs(30), None))
                 .await
                 .expect("insert");
+            store.close().await;
         }
         clock.advance(Duration::from_secs(30 + 300));
         let store = open(dir.path(), &clock);
@@ -568,12 +752,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let clock = ManualClock::new(START_MS);
         let _first = open(dir.path(), &clock);
-        let settings = StoreSettings {
-            path: dir.path().to_owned(),
-            grace: Duration::from_secs(300),
-            cache_capacity: 100,
-        };
-        let second = SledStore::open(&settings, Arc::new(clock), Arc::new(Metrics::new()));
+        let second = SledStore::open(
+            &settings(dir.path()),
+            Arc::new(clock),
+            Arc::new(Metrics::new()),
+        );
         assert!(
             matches!(second, Err(OpenError::Locked { .. })),
             "{:?}",

@@ -186,6 +186,10 @@ pub struct ServerOptions {
     pub data_dir: PathBuf,
     pub extra: Vec<String>,
     pub wait_ready: bool,
+    /// Shell commands run before the server is started with `exec`, in the
+    /// same process (for example `trap '' XFSZ` to see file size limits as
+    /// write errors instead of a signal).
+    pub shell_prelude: Option<String>,
 }
 
 impl ServerOptions {
@@ -195,6 +199,7 @@ impl ServerOptions {
             data_dir: data_dir.to_owned(),
             extra: Vec::new(),
             wait_ready: true,
+            shell_prelude: None,
         }
     }
 
@@ -208,6 +213,11 @@ impl ServerOptions {
         self
     }
 
+    pub fn shell_prelude(mut self, prelude: &str) -> Self {
+        self.shell_prelude = Some(prelude.to_owned());
+        self
+    }
+
     pub fn not_waiting_for_ready(mut self) -> Self {
         self.wait_ready = false;
         self
@@ -215,7 +225,18 @@ impl ServerOptions {
 }
 
 pub fn command(options: &ServerOptions) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_wsticket"));
+    let binary = env!("CARGO_BIN_EXE_wsticket");
+    let mut command = match &options.shell_prelude {
+        None => Command::new(binary),
+        Some(prelude) => {
+            let mut shell = Command::new("sh");
+            shell
+                .arg("-c")
+                .arg(format!("{prelude}; exec \"$0\" \"$@\""))
+                .arg(binary);
+            shell
+        }
+    };
     command.arg("serve");
     for flag in ["--listen", "--admin-listen"] {
         if !options.extra.iter().any(|arg| arg == flag) {
