@@ -9,6 +9,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::Audit;
 use crate::auth::Verifier;
 use crate::clock::SharedClock;
 use crate::config::Config;
@@ -40,6 +41,7 @@ pub struct AppState {
     pub connections: TaskTracker,
     /// The upstream and the upgrade limits.
     pub gateway: Gateway,
+    pub audit: Arc<Audit>,
 }
 
 impl AppState {
@@ -63,6 +65,7 @@ impl AppState {
             readiness: Readiness::default(),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
+            audit: Arc::new(Audit::new()),
         }
     }
 

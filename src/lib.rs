@@ -11,11 +11,13 @@
 //! - [`ticket`]: ticket generation and the hashed ids used in logs and storage
 //! - [`store`]: the ticket store trait and its moka + sled implementation
 //! - [`metrics`]: Prometheus metrics
+//! - [`audit`]: the audit log of authentication events, with flood control
 //! - [`clock`]: wall-clock time as a parameter, for tests of expiry
 //! - [`demo`]: the self-contained `wsticket demo`
 //! - [`demo_browser`]: `wsticket demo --browser`, the flow in a browser page
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;

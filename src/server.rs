@@ -143,6 +143,7 @@ pub async fn serve(
         .collect();
     let maintenance_task = tokio::spawn(store.clone().run_maintenance(MAINTENANCE_INTERVAL));
     let limiter_task = tokio::spawn(prune_rate_limiter(state.clone()));
+    let audit_task = tokio::spawn(state.audit.clone().run_flusher());
 
     let stop_accepting = CancellationToken::new();
     let graceful = Arc::new(GracefulShutdown::new());
@@ -204,6 +205,8 @@ pub async fn serve(
     }
     maintenance_task.abort();
     limiter_task.abort();
+    audit_task.abort();
+    state.audit.flush_all();
     if let Some(task) = reload_task {
         task.abort();
     }

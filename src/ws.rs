@@ -46,6 +46,8 @@ pub struct Connection {
     pub record: TicketRecord,
     pub ticket_id: String,
     pub request_id: String,
+    /// Id of this connection in the audit log and the connection's log lines.
+    pub connection_id: String,
     /// The open upstream connection; `None` to echo.
     pub upstream: Option<UpstreamSocket>,
     /// Held while the connection is open, for `--max-connections-per-subject`.
@@ -57,7 +59,7 @@ impl Connection {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(err) => {
-                tracing::warn!(event = "connection_failed", ticket_id = %self.ticket_id, request_id = %self.request_id, error = %err, "WebSocket upgrade did not complete");
+                tracing::warn!(event = "connection_failed", ticket_id = %self.ticket_id, request_id = %self.request_id, connection_id = %self.connection_id, error = %err, "WebSocket upgrade did not complete");
                 if let Some(mut upstream) = self.upstream.take() {
                     close_gracefully(&mut upstream, CloseCode::Away, "client disconnected").await;
                 }
@@ -77,7 +79,7 @@ impl Connection {
         } else {
             "echo"
         };
-        tracing::info!(event = "connection_opened", ticket_id = %self.ticket_id, subject = %self.record.subject, request_id = %self.request_id, via, "WebSocket opened");
+        tracing::info!(event = "connection_opened", ticket_id = %self.ticket_id, subject = %self.record.subject, request_id = %self.request_id, connection_id = %self.connection_id, via, "WebSocket opened");
         let limits = self.limits();
         let closed = match self.upstream.take() {
             Some(upstream) => relay::relay(socket, upstream, &limits).await,
@@ -89,6 +91,7 @@ impl Connection {
             ticket_id = %self.ticket_id,
             subject = %self.record.subject,
             request_id = %self.request_id,
+            connection_id = %self.connection_id,
             reason = closed.reason,
             close_code = closed.code,
             duration_ms = opened.elapsed().as_millis() as u64,

@@ -22,6 +22,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use crate::app::AppState;
+use crate::audit::AuditEvent;
 use crate::clock::format_rfc3339;
 use crate::config::normalize_origin;
 use crate::http::upgrade::{consume_ticket, report_failure, Failure};
@@ -119,16 +120,17 @@ async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Respon
     let response = match outcome {
         Ok((key, record)) => {
             state.metrics.record_redemption("ok", "redeem_api", latency);
-            tracing::info!(
-                event = "ticket_redeemed",
-                ticket_id = %log_id(&key),
-                subject = %record.subject,
-                request_id = %request_id,
-                result = "ok",
-                via = "redeem_api",
-                latency_ms = latency * 1000.0,
-                "ticket redeemed"
-            );
+            state.audit.record(&AuditEvent {
+                event: "ticket_redeemed",
+                ticket_id: Some(&log_id(&key)),
+                user_id: Some(&record.subject),
+                request_id: Some(&request_id),
+                result: "ok",
+                latency_ms: Some(latency * 1000.0),
+                via: Some("redeem_api"),
+                message: "ticket redeemed",
+                ..AuditEvent::default()
+            });
             let claims = if record.claims_json.is_empty() {
                 serde_json::json!({})
             } else {
@@ -147,7 +149,7 @@ async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Respon
             response
         }
         Err(failure) => {
-            report_failure(&state, &failure, "redeem_api", &request_id, latency);
+            report_failure(&state, &failure, "redeem_api", &request_id, latency, None);
             failure.error.to_response(None)
         }
     };

@@ -14,10 +14,12 @@ use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use crate::app::AppState;
+use crate::audit::{AuditEvent, Severity};
 use crate::auth::AuthError;
 use crate::clock::format_rfc3339;
 use crate::config::{normalize_origin, MAX_TOKEN_BYTES};
 use crate::gateway::forwarded_claims;
+use crate::http::upgrade::ClientAddr;
 use crate::http::{json_response, with_request_id, ApiError};
 use crate::store::{TicketRecord, TicketState};
 use crate::ticket::{self, log_id};
@@ -34,11 +36,13 @@ pub fn routes(
         .and(warp::post())
         .and(with_state.clone())
         .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<ClientAddr>())
         .then(handle_issue);
     let preflight = path
         .and(warp::options())
         .and(with_state)
         .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<ClientAddr>())
         .map(handle_preflight);
     issue.or(preflight).unify()
 }
@@ -68,7 +72,12 @@ impl From<ApiError> for Rejected {
     }
 }
 
-async fn handle_issue(state: Arc<AppState>, headers: HeaderMap) -> Response {
+async fn handle_issue(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    client: Option<ClientAddr>,
+) -> Response {
+    let client_ip = client.map(|client| client.0.ip());
     let started = Instant::now();
     let request_id = state.request_id(&headers);
     let origin = request_origin(&headers);
@@ -85,15 +94,17 @@ async fn handle_issue(state: Arc<AppState>, headers: HeaderMap) -> Response {
         Ok((ticket, record)) => {
             let key = ticket::key_of(&ticket);
             state.metrics.tickets_issued.inc();
-            tracing::info!(
-                event = "ticket_issued",
-                ticket_id = %log_id(&key),
-                subject = %record.subject,
-                request_id = %request_id,
-                result = "ok",
-                latency_ms,
-                "ticket issued"
-            );
+            state.audit.record(&AuditEvent {
+                event: "ticket_issued",
+                ticket_id: Some(&log_id(&key)),
+                user_id: Some(&record.subject),
+                request_id: Some(&request_id),
+                result: "ok",
+                latency_ms: Some(latency_ms),
+                client_ip,
+                message: "ticket issued",
+                ..AuditEvent::default()
+            });
             let now_ms = state.clock.now_ms();
             let body = TicketBody {
                 ticket,
@@ -110,13 +121,28 @@ async fn handle_issue(state: Arc<AppState>, headers: HeaderMap) -> Response {
         Err(rejected) => {
             let code = rejected.error.code();
             state.metrics.reject_ticket_request(code);
-            let subject = rejected.subject.as_deref().unwrap_or("");
-            let reason = rejected.reason.unwrap_or("");
-            if rejected.error.is_server_side() {
-                tracing::error!(event = "token_rejected", subject, request_id = %request_id, result = "rejected", error_code = code, reason, latency_ms, "ticket request failed on the server side");
-            } else {
-                tracing::warn!(event = "token_rejected", subject, request_id = %request_id, result = "rejected", error_code = code, reason, latency_ms, "ticket request rejected");
-            }
+            let server_side = rejected.error.is_server_side();
+            state.audit.record(&AuditEvent {
+                event: "token_rejected",
+                severity: Some(if server_side {
+                    Severity::Error
+                } else {
+                    Severity::Warn
+                }),
+                user_id: rejected.subject.as_deref(),
+                request_id: Some(&request_id),
+                result: "rejected",
+                error_code: Some(code),
+                latency_ms: Some(latency_ms),
+                client_ip,
+                reason: rejected.reason,
+                message: if server_side {
+                    "ticket request failed on the server side"
+                } else {
+                    "ticket request rejected"
+                },
+                ..AuditEvent::default()
+            });
             rejected.error.to_response(state.config.realm.as_deref())
         }
     };
@@ -273,7 +299,11 @@ fn with_cors(state: &AppState, origin: Option<&str>, mut response: Response) -> 
     response
 }
 
-fn handle_preflight(state: Arc<AppState>, headers: HeaderMap) -> Response {
+fn handle_preflight(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    client: Option<ClientAddr>,
+) -> Response {
     let origin = request_origin(&headers);
     let allowed = match origin.as_deref() {
         Some(origin) => !state.config.allowed_origins.is_empty() && state.origin_allowed(origin),
@@ -284,12 +314,15 @@ fn handle_preflight(state: Arc<AppState>, headers: HeaderMap) -> Response {
         .is_some_and(|method| method.as_bytes().eq_ignore_ascii_case(b"POST"));
     if !allowed || !method_ok {
         state.metrics.reject_ticket_request("origin_not_allowed");
-        tracing::warn!(
-            event = "token_rejected",
-            result = "rejected",
-            error_code = "origin_not_allowed",
-            "CORS preflight rejected"
-        );
+        state.audit.record(&AuditEvent {
+            event: "token_rejected",
+            severity: Some(Severity::Warn),
+            result: "rejected",
+            error_code: Some("origin_not_allowed"),
+            client_ip: client.map(|client| client.0.ip()),
+            message: "CORS preflight rejected",
+            ..AuditEvent::default()
+        });
         return ApiError::OriginNotAllowed.to_response(None);
     }
     let mut response = Response::default();

@@ -23,6 +23,7 @@ use hyper::upgrade::OnUpgrade;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::app::AppState;
+use crate::audit::{AuditEvent, Severity};
 use crate::gateway::limits::SubjectSlot;
 use crate::gateway::settings::RejectWith;
 use crate::gateway::upstream::{UpstreamRequest, UpstreamSocket};
@@ -61,16 +62,20 @@ pub async fn handle<B>(state: Arc<AppState>, mut request: Request<B>) -> Respons
     let response = match outcome {
         Ok(accepted) => {
             state.metrics.record_redemption("ok", "upgrade", latency);
-            tracing::info!(
-                event = "ticket_redeemed",
-                ticket_id = %log_id(&accepted.key),
-                subject = %accepted.record.subject,
-                request_id = %request_id,
-                result = "ok",
-                via = "upgrade",
-                latency_ms = latency * 1000.0,
-                "ticket redeemed"
-            );
+            let connection_id = state.new_request_id();
+            state.audit.record(&AuditEvent {
+                event: "ticket_redeemed",
+                ticket_id: Some(&log_id(&accepted.key)),
+                user_id: Some(&accepted.record.subject),
+                connection_id: Some(&connection_id),
+                request_id: Some(&request_id),
+                result: "ok",
+                latency_ms: Some(latency * 1000.0),
+                via: Some("upgrade"),
+                client_ip,
+                message: "ticket redeemed",
+                ..AuditEvent::default()
+            });
             let accept_key = request
                 .headers()
                 .get("sec-websocket-key")
@@ -83,6 +88,7 @@ pub async fn handle<B>(state: Arc<AppState>, mut request: Request<B>) -> Respons
                     record: accepted.record,
                     ticket_id: log_id(&accepted.key),
                     request_id: request_id.clone(),
+                    connection_id,
                     upstream: accepted.upstream,
                     subject_slot: accepted.subject_slot,
                 };
@@ -94,7 +100,7 @@ pub async fn handle<B>(state: Arc<AppState>, mut request: Request<B>) -> Respons
             if let Some(ip) = client_ip {
                 limit_failures(&state, ip, &mut failure);
             }
-            report_failure(&state, &failure, "upgrade", &request_id, latency);
+            report_failure(&state, &failure, "upgrade", &request_id, latency, client_ip);
             reject(&state, &request, on_upgrade, failure.error)
         }
     };
@@ -172,54 +178,46 @@ pub(crate) fn report_failure(
     via: &'static str,
     request_id: &str,
     latency: f64,
+    client_ip: Option<IpAddr>,
 ) {
     let error = &failure.error;
     let code = error.code();
     state.metrics.record_redemption(code, via, latency);
-    let ticket_id = failure.key.as_ref().map(log_id).unwrap_or_default();
-    let subject = failure.subject.as_deref().unwrap_or_default();
-    let detail = failure.detail.as_deref().unwrap_or_default();
-    let latency_ms = latency * 1000.0;
-    if *error == ApiError::TicketAlreadyUsed {
+    let ticket_id = failure.key.as_ref().map(log_id);
+    let replay = *error == ApiError::TicketAlreadyUsed;
+    if replay {
         state.metrics.replay_attempts.inc();
-        tracing::warn!(
-            event = "replay_attempt",
-            ticket_id,
-            subject,
-            request_id,
-            result = "rejected",
-            error_code = code,
-            via,
-            latency_ms,
-            "used ticket presented again"
-        );
-    } else if error.is_server_side() {
-        tracing::error!(
-            event = "ticket_rejected",
-            ticket_id,
-            subject,
-            request_id,
-            result = "rejected",
-            error_code = code,
-            via,
-            detail,
-            latency_ms,
-            "redemption failed on the server side"
-        );
-    } else {
-        tracing::warn!(
-            event = "ticket_rejected",
-            ticket_id,
-            subject,
-            request_id,
-            result = "rejected",
-            error_code = code,
-            via,
-            detail,
-            latency_ms,
-            "redemption rejected"
-        );
     }
+    let (event, severity, message) = if replay {
+        (
+            "replay_attempt",
+            Severity::Warn,
+            "used ticket presented again",
+        )
+    } else if error.is_server_side() {
+        (
+            "ticket_rejected",
+            Severity::Error,
+            "redemption failed on the server side",
+        )
+    } else {
+        ("ticket_rejected", Severity::Warn, "redemption rejected")
+    };
+    state.audit.record(&AuditEvent {
+        event,
+        severity: Some(severity),
+        ticket_id: ticket_id.as_deref(),
+        user_id: failure.subject.as_deref(),
+        request_id: Some(request_id),
+        result: "rejected",
+        error_code: Some(code),
+        latency_ms: Some(latency * 1000.0),
+        via: Some(via),
+        client_ip,
+        reason: failure.detail.as_deref(),
+        message,
+        ..AuditEvent::default()
+    });
 }
 
 /// An accepted upgrade, with everything the connection needs.

@@ -393,6 +393,16 @@ impl Server {
         self.wait_exit(Duration::from_secs(40)).await
     }
 
+    /// Sends SIGTERM, waits for the exit, and returns the exit status with
+    /// every line the process printed.
+    pub async fn terminate_keeping_logs(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(40)).await;
+        // The reader threads may still be reading the last lines.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (status, self.logs())
+    }
+
     /// Sends SIGKILL and waits for the process to exit.
     pub async fn kill(mut self) {
         let _ = self.child.kill();
