@@ -37,8 +37,9 @@ use crate::tls::{Tls, TlsError};
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most records kept in the in-memory cache in front of the store.
-const CACHE_CAPACITY: u64 = 2_000_000;
+/// Most tombstones (used or expired tickets) kept in the in-memory cache in
+/// front of the store; older ones are read from disk.
+const CACHE_CAPACITY: u64 = 200_000;
 /// How often expired tickets are marked and purged.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a store taken out of service by a write failure is reopened.
