@@ -200,7 +200,7 @@ async fn soak(rate: u64, duration: Duration, ttl: Duration, grace: Duration, sam
                 .await
                 .expect("insert");
             // Half are consumed at once; the other half expire unused.
-            if number % 2 == 0 {
+            if number.is_multiple_of(2) {
                 store
                     .consume(&key, Some("https://app.example.com"))
                     .await
