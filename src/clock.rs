@@ -32,7 +32,7 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that only moves when told to, for tests of expiry logic.
+/// A clock that only moves when a test advances it, for tests of expiry logic.
 #[derive(Debug, Clone)]
 pub struct ManualClock {
     now_ms: Arc<AtomicU64>,

@@ -95,10 +95,10 @@ pub enum TokenKind {
 /// When writes to the ticket store reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SyncMode {
-    /// Every issuance and consumption is flushed before it is answered;
+    /// Every issuance and consumption is flushed before the response;
     /// concurrent requests share one flush.
     Always,
-    /// Consumptions are flushed before they are answered, issuances at most
+    /// Consumptions are flushed before the response, issuances at most
     /// `--sync-interval` later: a kill -9 can lose tickets issued in that window.
     Batched,
 }
@@ -190,11 +190,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WSTICKET_DATA_DIR", default_value = "./wsticket-data")]
     pub data_dir: PathBuf,
 
-    /// When store writes reach the disk: always (before answering) or batched.
+    /// When store writes reach the disk: always (before the response) or batched.
     #[arg(long, env = "WSTICKET_SYNC", value_enum, default_value_t = SyncMode::Always)]
     pub sync: SyncMode,
 
-    /// Longest delay before an issuance is flushed under --sync batched.
+    /// Maximum delay before an issuance is flushed under --sync batched.
     #[arg(long, env = "WSTICKET_SYNC_INTERVAL", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub sync_interval: Duration,
 
@@ -223,11 +223,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WSTICKET_JWKS_REFETCH_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub jwks_refetch_interval: Duration,
 
-    /// Shortest background refresh interval, whatever Cache-Control says.
+    /// Minimum background refresh interval, whatever Cache-Control sets.
     #[arg(long, env = "WSTICKET_JWKS_REFRESH_MIN", default_value = "1m", value_parser = humantime::parse_duration)]
     pub jwks_refresh_min: Duration,
 
-    /// Longest background refresh interval, whatever Cache-Control says.
+    /// Maximum background refresh interval, whatever Cache-Control sets.
     #[arg(long, env = "WSTICKET_JWKS_REFRESH_MAX", default_value = "1h", value_parser = humantime::parse_duration)]
     pub jwks_refresh_max: Duration,
 

@@ -151,7 +151,7 @@ impl ApiError {
         }
     }
 
-    /// Builds the JSON answer. `realm` is named in `WWW-Authenticate`.
+    /// Builds the JSON response. `realm` is named in `WWW-Authenticate`.
     pub fn to_response(&self, realm: Option<&str>) -> Response {
         let body = ErrorBody {
             error: self.code(),
@@ -171,7 +171,7 @@ impl ApiError {
         response
     }
 
-    /// Builds the answer to a rejected WebSocket upgrade, which also closes
+    /// Builds the response to a rejected WebSocket upgrade, which also closes
     /// the connection.
     pub fn to_upgrade_response(&self) -> Response {
         let mut response = self.to_response(None);

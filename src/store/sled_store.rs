@@ -2,8 +2,8 @@
 //!
 //! sled is the source of truth. A consumption is a `compare_and_swap` of the
 //! record from `Issued` to `Consumed`, so exactly one of any number of racing
-//! redemptions wins, and it is flushed to disk before the caller answers: a
-//! crash after the answer can never bring the ticket back. An issuance is
+//! redemptions wins, and it is flushed to disk before the caller responds: a
+//! crash after the response can never bring the ticket back. An issuance is
 //! flushed before the ticket is handed out, so a ticket a client holds
 //! survives a crash. The moka cache holds tombstones (used and expired
 //! records), so replays of used tickets are rejected without a disk read.
@@ -225,7 +225,7 @@ impl SledStore {
     /// reopened by [`Self::run_repair`] before writes are tried again.
     fn mark_failed(&self, err: &dyn std::fmt::Display) {
         if self.healthy.swap(false, Ordering::AcqRel) {
-            tracing::error!(event = "store_error", path = %self.path.display(), error = %err, "ticket store write failed; answering store_unavailable until the store is reopened");
+            tracing::error!(event = "store_error", path = %self.path.display(), error = %err, "ticket store write failed; responding with store_unavailable until the store is reopened");
         }
     }
 
@@ -535,7 +535,7 @@ impl TicketStore for SledStore {
         self.metrics.live_tickets.dec();
         if let Err(err) = self.flush().await {
             // The record already says consumed, so the ticket stays unusable;
-            // the client is told the store failed rather than accepted.
+            // the client receives store_unavailable instead of an acceptance.
             tracing::error!(event = "store_error", ticket_id = %log_id(key), error = %err, "flushing a consumption failed");
             return Err(RedeemError::Store);
         }
