@@ -49,8 +49,8 @@ pub struct StoreSettings {
 }
 
 /// Memory sled may use for its page cache. sled's default (1 GiB) would
-/// dominate the process's memory; records are small and the moka cache
-/// answers most reads.
+/// dominate the process's memory; records are small, and each live ticket is
+/// read about once.
 const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A failure to open the data directory.
