@@ -6,8 +6,13 @@
 //!   a short TTL, and prints resident memory and data directory size every
 //!   sample interval, to show whether they reach a plateau.
 //!
-//! Run with `cargo run --release --example store_bench -- capacity --tickets 1000000`
-//! or `cargo run --release --example store_bench -- soak --rate 1000 --duration 10m`.
+//! - `throughput`: runs issue+consume pairs from many tasks for a fixed time
+//!   under `--sync always`, `--sync batched`, and an in-memory baseline (a
+//!   moka cache alone, no disk), and prints pairs per second for each.
+//!
+//! Run with `cargo run --release --example store_bench -- capacity --tickets 1000000`,
+//! `cargo run --release --example store_bench -- soak --rate 1000 --duration 10m`
+//! or `cargo run --release --example store_bench -- throughput --tasks 64 --duration 10s`.
 //! Data goes to a temporary directory that is deleted at the end.
 
 use std::path::Path;
@@ -46,6 +51,12 @@ enum Mode {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         sample: Duration,
     },
+    Throughput {
+        #[arg(long, default_value_t = 64)]
+        tasks: u64,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
 }
 
 fn rss_bytes() -> u64 {
@@ -81,11 +92,15 @@ fn directory_bytes(path: &Path) -> u64 {
 }
 
 fn settings(path: &Path, grace: Duration) -> StoreSettings {
+    settings_with(path, grace, SyncMode::Batched)
+}
+
+fn settings_with(path: &Path, grace: Duration, sync: SyncMode) -> StoreSettings {
     StoreSettings {
         path: path.to_owned(),
         grace,
-        cache_capacity: 2_000_000,
-        sync: SyncMode::Batched,
+        cache_capacity: 200_000,
+        sync,
         sync_interval: Duration::from_millis(10),
     }
 }
@@ -222,6 +237,94 @@ async fn soak(rate: u64, duration: Duration, ttl: Duration, grace: Duration, sam
     flusher.abort();
 }
 
+/// Runs issue+consume pairs from `tasks` tasks for `duration` against the
+/// store; returns pairs per second.
+async fn store_pairs_per_second(sync: SyncMode, tasks: u64, duration: Duration) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(
+        SledStore::open(
+            &settings_with(dir.path(), Duration::from_secs(300), sync),
+            Arc::new(SystemClock),
+            Arc::new(Metrics::new()),
+        )
+        .expect("open store"),
+    );
+    let flusher = store.spawn_flusher();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..tasks)
+        .map(|task| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut pairs = 0u64;
+                while started.elapsed() < duration {
+                    let number = task << 40 | pairs;
+                    let key = key(number);
+                    store
+                        .insert(&key, &record(number, Duration::from_secs(30)))
+                        .await
+                        .expect("insert");
+                    store
+                        .consume(&key, Some("https://app.example.com"))
+                        .await
+                        .expect("consume");
+                    pairs += 1;
+                }
+                pairs
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.expect("worker");
+    }
+    flusher.abort();
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The same pairs against a moka cache alone: the cost of the operations
+/// without any disk.
+async fn memory_pairs_per_second(tasks: u64, duration: Duration) -> f64 {
+    let cache: moka::sync::Cache<ticket::TicketKey, Arc<TicketRecord>> =
+        moka::sync::Cache::builder().max_capacity(2_000_000).build();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..tasks)
+        .map(|task| {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let mut pairs = 0u64;
+                while started.elapsed() < duration {
+                    let number = task << 40 | pairs;
+                    let key = key(number);
+                    cache.insert(key, Arc::new(record(number, Duration::from_secs(30))));
+                    let removed = cache.remove(&key);
+                    assert!(removed.is_some(), "the pair's ticket is present");
+                    pairs += 1;
+                    if pairs.is_multiple_of(64) {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                pairs
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.expect("worker");
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn throughput(tasks: u64, duration: Duration) {
+    let always = store_pairs_per_second(SyncMode::Always, tasks, duration).await;
+    let batched = store_pairs_per_second(SyncMode::Batched, tasks, duration).await;
+    let memory = memory_pairs_per_second(tasks, duration).await;
+    println!("issue+consume pairs per second, {tasks} tasks, {duration:?} each:");
+    println!("--sync always   {always:>10.0}");
+    println!("--sync batched  {batched:>10.0}");
+    println!("in memory only  {memory:>10.0}");
+    println!("always / batched = {:.2}", always / batched);
+}
+
 #[tokio::main]
 async fn main() {
     match Cli::parse().command {
@@ -233,5 +336,6 @@ async fn main() {
             grace,
             sample,
         } => soak(rate, duration, ttl, grace, sample).await,
+        Mode::Throughput { tasks, duration } => throughput(tasks, duration).await,
     }
 }
