@@ -38,6 +38,10 @@ pub const REDEMPTION_RESULTS: &[&str] = &[
     "store_unavailable",
     "upstream_unavailable",
     "rate_limited",
+    "too_many_connections",
+    "invalid_request",
+    "websocket_upgrade_required",
+    "method_not_allowed",
 ];
 
 pub struct Metrics {
