@@ -45,7 +45,7 @@ fn issuance(c: &mut Criterion) {
             b.iter_batched(
                 || bench.state.verifier.cache().remove(&token),
                 |()| issue(),
-                BatchSize::SmallInput,
+                BatchSize::PerIteration,
             )
         });
         group.bench_function(format!("RS256_cached/sync_{sync}"), |b| b.iter(issue));
