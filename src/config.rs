@@ -19,6 +19,10 @@ use crate::gateway::settings::{GatewayArgs, GatewayConfig};
 /// Largest bearer token accepted, in bytes. Keycloak and Entra ID tokens that
 /// carry many roles reach 16 KiB.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Longest `--ticket-ttl` accepted.
+const MAX_TICKET_TTL: Duration = Duration::from_secs(3600);
+/// Longest `--expired-grace` accepted.
+const MAX_EXPIRED_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -280,6 +284,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WSTICKET_MAX_MESSAGE_SIZE", default_value_t = 1024 * 1024)]
     pub max_message_size: usize,
 
+    /// Time a client has from connecting to the end of its request headers
+    /// (and for the TLS handshake); slower connections are closed.
+    #[arg(long, env = "WSTICKET_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
     /// Interval of the server's keepalive pings on open WebSockets.
     #[arg(long, env = "WSTICKET_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
@@ -375,6 +384,7 @@ pub struct Config {
     pub token_kind: TokenKind,
     pub introspection: Option<IntrospectionConfig>,
     pub max_message_size: usize,
+    pub header_timeout: Duration,
     pub ping_interval: Duration,
     pub gateway: GatewayConfig,
 }
@@ -465,6 +475,20 @@ impl Config {
         let ticket_ttl = args
             .ticket_ttl
             .unwrap_or_else(|| args.profile.default_ticket_ttl());
+        if ticket_ttl > MAX_TICKET_TTL {
+            return Err(invalid(
+                "ticket-ttl",
+                humantime::format_duration(ticket_ttl).to_string(),
+                "a ticket lives at most 1h; tickets are meant to open a WebSocket right away",
+            ));
+        }
+        if args.expired_grace > MAX_EXPIRED_GRACE {
+            return Err(invalid(
+                "expired-grace",
+                humantime::format_duration(args.expired_grace).to_string(),
+                "must be at most 7d",
+            ));
+        }
         if ticket_ttl < Duration::from_secs(1) {
             return Err(invalid(
                 "ticket-ttl",
@@ -502,6 +526,9 @@ impl Config {
         }
         if args.jwks_timeout.is_zero() {
             return Err(invalid("jwks-timeout", "0s", "must be longer than zero"));
+        }
+        if args.header_timeout.is_zero() {
+            return Err(invalid("header-timeout", "0s", "must be longer than zero"));
         }
         if args.ping_interval.is_zero() {
             return Err(invalid("ping-interval", "0s", "must be longer than zero"));
@@ -546,6 +573,7 @@ impl Config {
             token_kind: args.token_kind,
             introspection,
             max_message_size: args.max_message_size,
+            header_timeout: args.header_timeout,
             ping_interval: args.ping_interval,
             gateway: GatewayConfig::from_args(args.gateway)?,
         })

@@ -35,8 +35,6 @@ use crate::store::OpenError;
 use crate::store::{SledStore, StoreSettings};
 use crate::tls::{Tls, TlsError};
 
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most tombstones (used or expired tickets) kept in the in-memory cache in
 /// front of the store; older ones are read from disk.
 const CACHE_CAPACITY: u64 = 200_000;
@@ -232,12 +230,12 @@ async fn prune_rate_limiter(state: Arc<AppState>) {
     }
 }
 
-fn connection_builder() -> Builder<TokioExecutor> {
+fn connection_builder(header_timeout: Duration) -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_timeout);
     builder
 }
 
@@ -248,6 +246,7 @@ async fn accept_public(
     stop: CancellationToken,
     graceful: Arc<GracefulShutdown>,
 ) {
+    let header_timeout = state.config.header_timeout;
     let routes = warp::service(routes::public_routes(state.clone()));
     loop {
         let Some(stream) = accept(&listener, &stop).await else {
@@ -271,11 +270,17 @@ async fn accept_public(
             }
         });
         let Some(tls) = tls.clone() else {
-            let connection = connection_builder()
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
+            let graceful = graceful.clone();
+            let stop = stop.clone();
             tokio::spawn(async move {
+                if !first_byte_arrives(&stream, header_timeout, &stop).await {
+                    return;
+                }
+                let connection = connection_builder(header_timeout)
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                drop(graceful);
                 if let Err(err) = connection.await {
                     tracing::debug!(error = %err, "HTTP connection ended with an error");
                 }
@@ -289,17 +294,21 @@ async fn accept_public(
         let stop = stop.clone();
         tokio::spawn(async move {
             let handshake = tokio::select! {
-                handshake = tls.accept(stream) => handshake,
+                handshake = tokio::time::timeout(header_timeout, tls.accept(stream)) => handshake,
                 () = stop.cancelled() => return,
             };
             let stream = match handshake {
-                Ok(stream) => stream,
-                Err(err) => {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
                     tracing::debug!(error = %err, "TLS handshake failed");
                     return;
                 }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
             };
-            let connection = connection_builder()
+            let connection = connection_builder(header_timeout)
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();
             let connection = graceful.watch(connection);
@@ -317,17 +326,24 @@ async fn accept_admin(
     stop: CancellationToken,
     graceful: Arc<GracefulShutdown>,
 ) {
+    let header_timeout = state.config.header_timeout;
     let routes = warp::service(routes::admin_routes(state));
     loop {
         let Some(stream) = accept(&listener, &stop).await else {
             return;
         };
         let service = hyper_util::service::TowerToHyperService::new(routes.clone());
-        let connection = connection_builder()
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let graceful = graceful.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
+            if !first_byte_arrives(&stream, header_timeout, &stop).await {
+                return;
+            }
+            let connection = connection_builder(header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            drop(graceful);
             if let Err(err) = connection.await {
                 tracing::debug!(error = %err, "admin connection ended with an error");
             }
@@ -336,9 +352,12 @@ async fn accept_admin(
 }
 
 /// Accepts the next connection, or returns `None` once `stop` is cancelled.
-/// Accept errors (such as running out of file descriptors) are logged and
-/// retried after a short pause instead of ending the server.
+/// Accept errors (such as running out of file descriptors) are retried after
+/// a short pause instead of ending the server, and logged at most once a
+/// second with the number of failures since the last line.
 async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<tokio::net::TcpStream> {
+    let mut last_logged: Option<std::time::Instant> = None;
+    let mut unlogged_failures: u64 = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return None,
@@ -348,11 +367,34 @@ async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<toki
                     return Some(stream);
                 }
                 Err(err) => {
-                    tracing::error!(event = "accept_failed", error = %err, "accepting a connection failed");
+                    unlogged_failures += 1;
+                    if last_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        tracing::error!(event = "accept_failed", error = %err, failures = unlogged_failures, "accepting connections failed");
+                        last_logged = Some(std::time::Instant::now());
+                        unlogged_failures = 0;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
         }
+    }
+}
+
+/// Waits up to the header timeout for a new connection's first byte, so a
+/// client that connects and sends nothing does not hold a file descriptor.
+/// hyper's header timeout only starts once a request has begun.
+/// Returns false as well once the server starts shutting down.
+async fn first_byte_arrives(
+    stream: &tokio::net::TcpStream,
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> bool {
+    let mut byte = [0u8; 1];
+    tokio::select! {
+        peeked = tokio::time::timeout(timeout, stream.peek(&mut byte)) => {
+            matches!(peeked, Ok(Ok(read)) if read > 0)
+        }
+        () = stop.cancelled() => false,
     }
 }
 

@@ -223,3 +223,43 @@ async fn logs_never_contain_tickets_or_tokens() {
     assert_eq!(token_rejections.len(), 1);
     assert_eq!(token_rejections[0]["error_code"], "invalid_token");
 }
+
+#[tokio::test]
+async fn silent_connection_is_closed_after_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let jwks = JwksServer::start(default_jwks()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server =
+        Server::start(ServerOptions::new(jwks.url(), dir.path()).args(&["--header-timeout", "1s"]))
+            .await;
+    for addr in [server.public, server.admin] {
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buffer = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buffer))
+            .await
+            .expect("the server closes a silent connection within 5 s");
+        assert_eq!(read.expect("read"), 0, "closed without a response");
+    }
+}
+
+#[tokio::test]
+async fn oversized_durations_are_rejected_at_start() {
+    for (flag, value) in [("--ticket-ttl", "1000000000y"), ("--expired-grace", "30d")] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_wsticket"))
+            .args([
+                "serve",
+                "--jwks-file",
+                "x.json",
+                "--issuer",
+                "i",
+                "--audience",
+                "a",
+            ])
+            .args([flag, value])
+            .output()
+            .expect("run wsticket");
+        assert_eq!(output.status.code(), Some(2), "{flag}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+}
