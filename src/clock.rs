@@ -58,9 +58,27 @@ impl Clock for ManualClock {
 }
 
 /// Formats milliseconds since the epoch as RFC 3339 in UTC, to the second.
+///
+/// Times past the end of year 9999, which RFC 3339 cannot express, are shown
+/// as 9999-12-31T23:59:59Z (a JWT may carry any `exp`).
 pub fn format_rfc3339(ms: u64) -> String {
-    let time = UNIX_EPOCH + Duration::from_millis(ms);
+    let time = UNIX_EPOCH + Duration::from_millis(ms.min(MAX_RFC3339_MS));
     humantime::format_rfc3339_seconds(time).to_string()
 }
 
+/// 9999-12-31T23:59:59Z in milliseconds since the epoch.
+const MAX_RFC3339_MS: u64 = 253_402_300_799_000;
+
 pub type SharedClock = Arc<dyn Clock>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_format_clamps_far_future() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(format_rfc3339(253_402_300_800_000), "9999-12-31T23:59:59Z");
+    }
+}

@@ -162,6 +162,10 @@ impl Connection {
                             let _ = socket.flush().await;
                             return closed("client_closed", frame.map(|frame| u16::from(frame.code)));
                         }
+                        Some(Err(err)) if relay::is_too_big(&err) => {
+                            close_gracefully(&mut socket, CloseCode::Size, "message too big").await;
+                            return closed("message_too_big", Some(1009));
+                        }
                         Some(Err(err)) => {
                             tracing::debug!(error = %err, "WebSocket read failed");
                             return closed("protocol_error", None);

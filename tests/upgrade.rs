@@ -129,11 +129,14 @@ async fn replayed_ticket_is_rejected() {
     );
     assert_eq!(server.metric("wsticket_replay_attempts_total").await, 1.0);
     assert_eq!(
-        server.events("replay_attempt").len(),
+        server.settled_events("replay_attempt").await.len(),
         1,
         "one WARN event per replay"
     );
-    assert_eq!(server.events("replay_attempt")[0]["level"], "WARN");
+    assert_eq!(
+        server.settled_events("replay_attempt").await[0]["level"],
+        "WARN"
+    );
 }
 
 #[tokio::test]
@@ -270,4 +273,50 @@ async fn redemptions_are_counted_by_result() {
     assert_eq!(server.metric(&series("ticket_already_used")).await, 1.0);
     assert_eq!(server.metric(&series("missing_ticket")).await, 1.0);
     assert_eq!(server.metric("wsticket_tickets_issued_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn far_future_token_expiry_is_shown_clamped() {
+    let (_jwks, server, _dir) = start_with(&["--close-on-token-expiry"]).await;
+    let mut claims = Signer::claims("forever");
+    claims["exp"] = serde_json::json!(253_402_300_800u64 * 10);
+    let token = Signer::sign(
+        jsonwebtoken::Algorithm::RS256,
+        "rsa-a",
+        Some("rsa-a"),
+        &claims,
+    );
+    let ticket = ticket_for(&server, &token).await;
+    let mut socket = connect_with_ticket(&server, &ticket).await.expect("101");
+    let greeting: Value = serde_json::from_str(&next_text(&mut socket).await).expect("JSON");
+    assert_eq!(greeting["expires_at"], "9999-12-31T23:59:59Z");
+    socket
+        .send(Message::text("still alive"))
+        .await
+        .expect("send");
+    assert_eq!(next_text(&mut socket).await, "still alive");
+}
+
+#[tokio::test]
+async fn oversized_message_closes_with_1009() {
+    use futures_util::StreamExt;
+    let (_jwks, server, _dir) = start_with(&["--max-message-size", "2048"]).await;
+    let ticket = ticket_for(&server, &Signer::token("alice")).await;
+    let mut socket = connect_with_ticket(&server, &ticket).await.expect("101");
+    let _greeting = next_text(&mut socket).await;
+    socket
+        .send(Message::text("x".repeat(4096)))
+        .await
+        .expect("send");
+    let close = loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(5), socket.next())
+            .await
+            .expect("a close frame within 5 s");
+        match frame {
+            Some(Ok(Message::Close(close))) => break close,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.expect("close code").code), 1009);
 }

@@ -372,7 +372,7 @@ impl KeyStore {
                     .jwks_fetches
                     .with_label_values(&[err.metric_result()])
                     .inc();
-                tracing::warn!(event = "jwks_fetch", result = "error", cause, issuer = %self.settings.issuer, error = %err, "JWKS fetch failed; the keys loaded before stay in use");
+                tracing::error!(event = "jwks_fetch", result = "error", cause, issuer = %self.settings.issuer, error = %err, "JWKS fetch failed; keys loaded before, if any, stay in use");
                 Err(err)
             }
         }

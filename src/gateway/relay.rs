@@ -325,7 +325,7 @@ pub async fn wait_expiry(left: Option<Duration>) {
     }
 }
 
-fn is_too_big(err: &WsError) -> bool {
+pub(crate) fn is_too_big(err: &WsError) -> bool {
     matches!(err, WsError::Capacity(CapacityError::MessageTooLong { .. }))
 }
 

@@ -88,7 +88,7 @@ impl Expiry<TicketKey, Arc<TicketRecord>> for RecordExpiry {
         record: &Arc<TicketRecord>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        let until = record.expires_at_ms + self.grace_ms;
+        let until = record.expires_at_ms.saturating_add(self.grace_ms);
         Some(Duration::from_millis(
             until.saturating_sub(self.clock.now_ms()),
         ))
