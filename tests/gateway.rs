@@ -335,13 +335,14 @@ async fn unreachable_upstream_gives_502_and_uses_ticket() {
     assert_eq!(rejection.code, "ticket_already_used");
 
     let failures: Vec<Value> = server
-        .events("ticket_rejected")
+        .settled_events("ticket_rejected")
+        .await
         .into_iter()
         .filter(|event| event["error_code"] == "upstream_unavailable")
         .collect();
     assert_eq!(failures.len(), 1, "one log line per rejection");
     assert_eq!(failures[0]["level"], "ERROR");
-    assert!(server.events("ticket_redeemed").is_empty());
+    assert!(server.settled_events("ticket_redeemed").await.is_empty());
     assert_eq!(
         server
             .metric(r#"wsticket_redemptions_total{result="upstream_unavailable",via="upgrade"}"#)

@@ -63,7 +63,7 @@ async fn redeem_returns_identity_and_claims() {
             .await,
         1.0
     );
-    let redeemed = server.events("ticket_redeemed");
+    let redeemed = server.settled_events("ticket_redeemed").await;
     assert_eq!(redeemed.len(), 1);
     assert_eq!(redeemed[0]["via"], "redeem_api");
     assert!(server.logs().iter().all(|line| !line.contains(&ticket)

@@ -170,10 +170,10 @@ async fn close_mode_reports_ticket_errors() {
     );
 
     // Each rejection is logged once, at WARN, without the ticket.
-    let rejected = server.events("ticket_rejected");
+    let rejected = server.settled_events("ticket_rejected").await;
     assert_eq!(rejected.len(), 4, "{rejected:?}");
     assert!(rejected.iter().all(|event| event["level"] == "WARN"));
-    assert_eq!(server.events("replay_attempt").len(), 1);
+    assert_eq!(server.settled_events("replay_attempt").await.len(), 1);
     assert!(server
         .logs()
         .iter()

@@ -17,7 +17,8 @@ const here = dirname(fileURLToPath(import.meta.url));
 export const REPO_ROOT = resolve(here, '../..');
 export const OUTPUT_DIR = join(REPO_ROOT, 'target', 'browser-tests');
 export const SCREENSHOT_DIR = join(REPO_ROOT, 'target', 'browser-screenshots');
-export const WSTICKET_BIN = process.env.WSTICKET_BIN ?? join(REPO_ROOT, 'target', 'debug', 'wsticket');
+export const WSTICKET_BIN =
+  process.env.WSTICKET_BIN ?? join(resolve(REPO_ROOT, process.env.CARGO_TARGET_DIR ?? 'target'), 'debug', 'wsticket');
 export const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 
 export const ISSUER = 'https://idp.browser-tests.invalid';

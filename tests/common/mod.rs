@@ -374,6 +374,27 @@ impl Server {
         self.lines.lock().expect("lock").clone()
     }
 
+    /// Waits until the log has had no new line for 100 ms (at most 2 s), so
+    /// that lines the server wrote before its last response have been read.
+    pub async fn settle_logs(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut seen = self.lines.lock().expect("lock").len();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now_seen = self.lines.lock().expect("lock").len();
+            if now_seen == seen || Instant::now() > deadline {
+                return;
+            }
+            seen = now_seen;
+        }
+    }
+
+    /// The JSON log events named `name`, once the log has settled.
+    pub async fn settled_events(&self, name: &str) -> Vec<Value> {
+        self.settle_logs().await;
+        self.events(name)
+    }
+
     /// The JSON log events whose `event` field is `name`.
     pub fn events(&self, name: &str) -> Vec<Value> {
         self.logs()
