@@ -527,6 +527,13 @@ impl Config {
         if args.jwks_timeout.is_zero() {
             return Err(invalid("jwks-timeout", "0s", "must be longer than zero"));
         }
+        if args.listen == args.admin_listen && args.listen.port() != 0 {
+            return Err(invalid(
+                "admin-listen",
+                args.admin_listen.to_string(),
+                "must differ from --listen",
+            ));
+        }
         if args.header_timeout.is_zero() {
             return Err(invalid("header-timeout", "0s", "must be longer than zero"));
         }
@@ -765,6 +772,18 @@ mod tests {
     fn both_jwks_sources_are_rejected() {
         let err = parse(&["--jwks-url", "https://idp.example/jwks"]).expect_err("two sources");
         assert!(err.contains("jwks"), "{err}");
+    }
+
+    #[test]
+    fn shared_listen_address_is_rejected() {
+        let err = parse(&[
+            "--listen",
+            "127.0.0.1:7000",
+            "--admin-listen",
+            "127.0.0.1:7000",
+        ])
+        .expect_err("same address");
+        assert!(err.contains("admin-listen"), "{err}");
     }
 
     #[test]

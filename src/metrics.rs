@@ -25,6 +25,7 @@ pub const TICKET_ERRORS: &[&str] = &[
     "auth_unavailable",
     "store_unavailable",
     "origin_not_allowed",
+    "invalid_request",
 ];
 
 /// Results of a redemption: `ok` or an error code.

@@ -361,3 +361,20 @@ fn base64_url(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
 }
+
+#[tokio::test]
+async fn several_origin_headers_are_rejected() {
+    let (_jwks, server, _dir) = start().await;
+    let token = bearer(&Signer::token("alice"));
+    let answer = post_ticket(
+        &server,
+        &[
+            ("authorization", &token),
+            ("origin", "https://a.example"),
+            ("origin", "https://b.example"),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.error_code(), "invalid_request");
+}

@@ -155,6 +155,9 @@ async fn issue(
     headers: &HeaderMap,
     origin: Option<&str>,
 ) -> Result<(String, TicketRecord), Rejected> {
+    if headers.get_all(ORIGIN).iter().count() > 1 {
+        return Err(ApiError::InvalidRequest("Send at most one Origin header.").into());
+    }
     if let Some(origin) = origin {
         if !state.origin_allowed(origin) {
             return Err(ApiError::OriginNotAllowed.into());
