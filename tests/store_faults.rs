@@ -62,9 +62,13 @@ struct SmallDisk {
 
 impl SmallDisk {
     fn mount(size: &str) -> Option<SmallDisk> {
+        Self::mount_with(&format!("size={size}"))
+    }
+
+    fn mount_with(options: &str) -> Option<SmallDisk> {
         let dir = tempfile::tempdir().expect("temp dir");
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(dir.path())
             .status()
             .ok()?;
@@ -158,4 +162,28 @@ async fn full_disk_answers_503_then_recovers() {
         Ok(_) => panic!("a used ticket was accepted twice"),
     }
     drop(server);
+}
+
+#[tokio::test]
+async fn read_only_data_dir_is_named_at_start() {
+    let Some(disk) = SmallDisk::mount_with("size=1m,ro") else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must run this test as root"
+        );
+        eprintln!("read_only_data_dir_is_named_at_start: not run, mounting a tmpfs needs root");
+        return;
+    };
+    let jwks = JwksServer::start(default_jwks()).await;
+    let data_dir = disk.dir.path().join("store");
+    let output = command(&ServerOptions::new(jwks.url(), &data_dir))
+        .output()
+        .expect("run wsticket");
+    assert!(!output.status.success(), "start must fail");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&data_dir.display().to_string()),
+        "names the path: {stderr}"
+    );
 }
