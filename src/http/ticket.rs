@@ -205,7 +205,14 @@ async fn issue(
         });
     }
 
-    let ticket = ticket::generate(&state.rng).map_err(|_| Rejected {
+    let generated = match state.cluster.get() {
+        Some(cluster) => {
+            let config = &cluster.config;
+            crate::cluster::home::generate(&state.rng, &config.keys.home, config.node_id)
+        }
+        None => ticket::generate(&state.rng),
+    };
+    let ticket = generated.map_err(|_| Rejected {
         error: ApiError::StoreUnavailable,
         subject: Some(identity.subject.clone()),
         reason: Some("no system randomness"),

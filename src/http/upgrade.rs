@@ -344,7 +344,15 @@ pub(crate) async fn consume_ticket(
         return Err(ApiError::InvalidTicket.into());
     }
     let key = ticket::key_of(ticket);
-    match state.store.consume(&key, origin).await {
+    let consumed = match state.cluster.get() {
+        Some(cluster) => {
+            cluster
+                .consume(state.store.as_ref(), ticket, &key, origin)
+                .await
+        }
+        None => state.store.consume(&key, origin).await,
+    };
+    match consumed {
         Ok(record) => Ok((key, record)),
         Err(err) => Err(Failure {
             error: err.into(),
