@@ -274,6 +274,7 @@ mod tests {
             ApiError::UpstreamUnavailable,
             ApiError::UpgradesRateLimited { retry_after: wait },
             ApiError::TooManyConnections,
+            ApiError::TicketHomeUnavailable { retry_after: wait },
         ]
     }
 
