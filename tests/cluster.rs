@@ -493,3 +493,67 @@ async fn node_without_secret_cannot_join() {
     let foreign = ticket_for(&intruder, &token).await;
     assert_ne!(upgrade(cluster.node(0), &foreign).await, "ok");
 }
+
+/// Returns the `q` quantile of sorted durations, in milliseconds.
+fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    let position = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[position].as_secs_f64() * 1000.0
+}
+
+/// Prints issuance and cross-node upgrade throughput and latency for 1, 3
+/// and 5 nodes. Run by `scripts/cluster-bench`; ignored by `cargo test`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark: run with scripts/cluster-bench"]
+async fn cluster_throughput_figures() {
+    let clients: usize = std::env::var("WSTICKET_BENCH_CLIENTS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(16);
+    let per_client: usize = std::env::var("WSTICKET_BENCH_PER_CLIENT")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(100);
+    for size in [1u8, 3, 5] {
+        let cluster = TestCluster::start(size).await;
+        let cluster = &cluster;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for client in 0..clients {
+            tasks.push(async move {
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (client as u64 + 1));
+                let token = Signer::token(&format!("bench-{client}"));
+                let mut issue = Vec::with_capacity(per_client);
+                let mut upgrade_times = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let issuer = rng.below(usize::from(size));
+                    // Upgrade on another node whenever there is one.
+                    let upgrader =
+                        (issuer + 1 + rng.below(usize::from(size).max(2) - 1)) % usize::from(size);
+                    let at = Instant::now();
+                    let ticket = ticket_for(cluster.node(issuer), &token).await;
+                    issue.push(at.elapsed());
+                    let at = Instant::now();
+                    let result = upgrade(cluster.node(upgrader), &ticket).await;
+                    upgrade_times.push(at.elapsed());
+                    assert_eq!(result, "ok");
+                }
+                (issue, upgrade_times)
+            });
+        }
+        let results = futures_util::future::join_all(tasks).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut issue: Vec<Duration> = results.iter().flat_map(|r| r.0.clone()).collect();
+        let mut upgrades: Vec<Duration> = results.iter().flat_map(|r| r.1.clone()).collect();
+        issue.sort();
+        upgrades.sort();
+        let pairs = issue.len() as f64;
+        println!(
+            "cluster bench nodes={size} clients={clients} pairs={pairs} pairs_per_s={:.0} issue_p50_ms={:.2} issue_p99_ms={:.2} upgrade_p50_ms={:.2} upgrade_p99_ms={:.2}",
+            pairs / elapsed,
+            quantile_ms(&issue, 0.5),
+            quantile_ms(&issue, 0.99),
+            quantile_ms(&upgrades, 0.5),
+            quantile_ms(&upgrades, 0.99),
+        );
+    }
+}
