@@ -150,7 +150,10 @@ pub async fn serve(
     let cluster = match (state.config.cluster.clone(), admin_addr_of(&listeners)) {
         (Some(config), Some(admin_addr)) => {
             let admin_addr = advertised_admin_addr(admin_addr, config.listen);
-            let cluster = Arc::new(Cluster::start(config, admin_addr, &state.metrics).await?);
+            let record_lifetime = state.config.ticket_ttl + state.config.expired_grace;
+            let cluster = Arc::new(
+                Cluster::start(config, admin_addr, record_lifetime, &state.metrics).await?,
+            );
             let _ = state.cluster.set(cluster.clone());
             tokio::spawn(cluster.clone().run_membership_log());
             Some(cluster)

@@ -557,3 +557,43 @@ async fn cluster_throughput_figures() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn used_ticket_rejected_while_home_down() {
+    let mut cluster = TestCluster::start(3).await;
+    let token = Signer::token("tombstone-user");
+    let ticket = ticket_for(cluster.node(0), &token).await;
+    assert_eq!(upgrade(cluster.node(1), &ticket).await, "ok");
+
+    // Nodes 1 and 2 learn from gossip that node 0 consumed the ticket. Until
+    // then they ask node 0, which also rejects it; they must never accept it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in [1, 2] {
+        loop {
+            let answered_locally = cluster
+                .node(node)
+                .metric("wsticket_cluster_answered_from_gossip_total")
+                .await;
+            let result = upgrade(cluster.node(node), &ticket).await;
+            assert_eq!(result, "ticket_already_used");
+            if answered_locally >= 1.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the used state never reached node {node}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    cluster.kill_node(0).await;
+    assert_eq!(
+        upgrade(cluster.node(2), &ticket).await,
+        "ticket_already_used"
+    );
+    assert_eq!(
+        upgrade(cluster.node(1), &ticket).await,
+        "ticket_already_used"
+    );
+}

@@ -6,7 +6,9 @@
 //! of its admin listener there. A node that receives a ticket homed elsewhere
 //! forwards the consumption to the home node ([`forward`]) and accepts only on
 //! its answer, and the home node runs the same durable compare-and-swap as a
-//! single node. When the home node cannot be reached the upgrade is rejected
+//! single node. Home nodes also publish in gossip whether their tickets are
+//! live or used ([`records`]), so other nodes reject used and expired tickets
+//! without a round trip. When the home node cannot be reached the upgrade is rejected
 //! with `503 ticket_home_unavailable`: without a consensus protocol no node
 //! can tell whether an unreachable home has already accepted the ticket.
 //!
@@ -14,6 +16,7 @@
 
 pub mod forward;
 pub mod home;
+pub mod records;
 pub mod settings;
 pub mod transport;
 
@@ -30,6 +33,7 @@ use crate::metrics::{Metrics, LATENCY_BUCKETS};
 use crate::store::{RedeemError, TicketRecord, TicketStore};
 use crate::ticket::TicketKey;
 use forward::{ConsumeAnswer, ConsumeRequest};
+use records::Published;
 pub use settings::{ClusterArgs, ClusterConfig, ClusterKeys, Consistency};
 
 /// The chitchat cluster id; nodes with another id do not gossip together.
@@ -54,6 +58,8 @@ pub struct ClusterMetrics {
     pub gossip_rejected: IntCounter,
     /// Forwarded consumptions rejected for a missing or wrong MAC.
     pub forward_unauthenticated: IntCounter,
+    /// Redemptions rejected from the home node's published ticket state.
+    pub answered_from_gossip: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -103,7 +109,13 @@ impl ClusterMetrics {
                 "Forwarded consumptions rejected for a missing, stale or wrong MAC.",
             )
             .expect("valid metric"),
+            answered_from_gossip: IntCounter::new(
+                "wsticket_cluster_answered_from_gossip_total",
+                "Redemptions of used or expired tickets rejected from gossip, without asking the home node.",
+            )
+            .expect("valid metric"),
         };
+        metrics.register(Box::new(cluster.answered_from_gossip.clone()));
         metrics.register(Box::new(cluster.live_nodes.clone()));
         metrics.register(Box::new(cluster.forwarded.clone()));
         metrics.register(Box::new(cluster.forward_duration.clone()));
@@ -141,9 +153,13 @@ pub struct Cluster {
 impl Cluster {
     /// Joins the cluster, publishing `admin_addr` as the address peers
     /// forward consumptions to.
+    ///
+    /// `record_lifetime` is how long a published ticket state stays in
+    /// gossip: at least the ticket lifetime plus `--expired-grace`.
     pub async fn start(
         config: ClusterConfig,
         admin_addr: SocketAddr,
+        record_lifetime: Duration,
         metrics: &Metrics,
     ) -> Result<Self, ClusterStartError> {
         let metrics = ClusterMetrics::new(metrics);
@@ -160,7 +176,7 @@ impl Cluster {
                 initial_interval: config.gossip_interval,
                 ..FailureDetectorConfig::default()
             },
-            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            marked_for_deletion_grace_period: record_lifetime,
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V0,
@@ -200,19 +216,9 @@ impl Cluster {
     pub async fn members(&self) -> BTreeMap<u8, SocketAddr> {
         let chitchat = self.gossip.chitchat();
         let chitchat = chitchat.lock().await;
-        let mut newest: BTreeMap<u8, &ChitchatId> = BTreeMap::new();
-        for id in chitchat.node_states().keys() {
-            let Some(index) = node_index(&id.node_id) else {
-                continue;
-            };
-            let entry = newest.entry(index).or_insert(id);
-            if id.generation_id > entry.generation_id {
-                *entry = id;
-            }
-        }
         let live: Vec<&ChitchatId> = chitchat.live_nodes().collect();
         let mut members = BTreeMap::new();
-        for (index, id) in newest {
+        for (index, id) in newest_generations(&chitchat) {
             if !live.contains(&id) {
                 continue;
             }
@@ -257,21 +263,83 @@ impl Cluster {
         }
     }
 
+    /// Publishes the state of a ticket this node is home to.
+    pub async fn publish(&self, key: &TicketKey, state: Published) {
+        let gossip_key = records::gossip_key(key);
+        let value = state.encode();
+        self.gossip
+            .with_chitchat(|chitchat| {
+                chitchat
+                    .self_node_state()
+                    .set_with_ttl(gossip_key.clone(), value.clone());
+            })
+            .await;
+    }
+
+    /// Returns the state of a ticket as its home node `home` published it,
+    /// if this node has received it.
+    pub async fn published(&self, home: u8, key: &TicketKey) -> Option<Published> {
+        let chitchat = self.gossip.chitchat();
+        let chitchat = chitchat.lock().await;
+        let id = newest_generations(&chitchat).remove(&home)?;
+        let value = chitchat
+            .node_state(id)?
+            .get(&records::gossip_key(key))?
+            .to_owned();
+        Published::decode(&value)
+    }
+
+    /// Returns how many ticket states published by other nodes this node
+    /// holds.
+    pub async fn published_by_others(&self) -> usize {
+        let chitchat = self.gossip.chitchat();
+        let chitchat = chitchat.lock().await;
+        let own = chitchat.self_chitchat_id().clone();
+        chitchat
+            .node_states()
+            .iter()
+            .filter(|(id, _)| **id != own)
+            .map(|(_, state)| {
+                state
+                    .key_values()
+                    .filter(|(key, _)| key.starts_with(records::KEY_PREFIX))
+                    .count()
+            })
+            .sum()
+    }
+
     /// Consumes a ticket on its home node: here when this node is the home,
-    /// otherwise by forwarding the consumption. Returns the home index with
-    /// the result, for the logs.
+    /// otherwise by forwarding the consumption. A ticket that the home node
+    /// published as used, or as expired by `now_ms`, is rejected here
+    /// without a round trip.
     pub async fn consume(
         &self,
         store: &dyn TicketStore,
         ticket: &str,
         key: &TicketKey,
         origin: Option<&str>,
+        now_ms: u64,
     ) -> Result<TicketRecord, RedeemError> {
         let Some(home) = home::home_of(&self.config.keys.home, ticket) else {
             return Err(RedeemError::Unknown);
         };
         if home == self.config.node_id {
-            return store.consume(key, origin).await;
+            let result = store.consume(key, origin).await;
+            if result.is_ok() {
+                self.publish(key, Published::Used).await;
+            }
+            return result;
+        }
+        match self.published(home, key).await {
+            Some(Published::Used) => {
+                self.metrics.answered_from_gossip.inc();
+                return Err(RedeemError::AlreadyUsed);
+            }
+            Some(Published::Issued { expires_at_ms }) if now_ms >= expires_at_ms => {
+                self.metrics.answered_from_gossip.inc();
+                return Err(RedeemError::Expired);
+            }
+            _ => {}
         }
         let Some(admin) = self.members().await.get(&home).copied() else {
             self.metrics.home_unavailable.inc();
@@ -376,6 +444,22 @@ impl Cluster {
 /// Returns the `Retry-After` of `ticket_home_unavailable`.
 pub fn retry_after_home_unavailable() -> Duration {
     RETRY_AFTER_HOME_UNAVAILABLE
+}
+
+/// Returns the newest generation of each node index that gossip knows of,
+/// live or not.
+fn newest_generations(chitchat: &chitchat::Chitchat) -> BTreeMap<u8, &ChitchatId> {
+    let mut newest: BTreeMap<u8, &ChitchatId> = BTreeMap::new();
+    for id in chitchat.node_states().keys() {
+        let Some(index) = node_index(&id.node_id) else {
+            continue;
+        };
+        let entry = newest.entry(index).or_insert(id);
+        if id.generation_id > entry.generation_id {
+            *entry = id;
+        }
+    }
+    newest
 }
 
 fn node_name(index: u8) -> String {

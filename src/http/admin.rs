@@ -52,6 +52,7 @@ pub fn routes(
                 body["cluster"] = serde_json::json!({
                     "node_id": cluster.config.node_id,
                     "live_nodes": members,
+                    "tickets_published_by_others": cluster.published_by_others().await,
                 });
             }
             Ok::<_, Infallible>(json_response(status, &body))

@@ -11,6 +11,7 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::app::AppState;
 use crate::cluster::forward::{self, ConsumeAnswer, ConsumeRequest};
+use crate::cluster::records::Published;
 use crate::cluster::unix_ms;
 use crate::http::ApiError;
 use crate::ticket::log_id;
@@ -69,6 +70,9 @@ async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Respon
         return ApiError::InvalidRequest("The key is not 64 hex characters.").to_response(None);
     };
     let result = state.store.consume(&key, request.origin.as_deref()).await;
+    if result.is_ok() {
+        cluster.publish(&key, Published::Used).await;
+    }
     let label = if result.is_ok() {
         "consumed"
     } else {

@@ -4,6 +4,7 @@
 //! from a disallowed Origin is answered, counted and logged like every other
 //! rejection.
 
+use crate::cluster::records::Published;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -237,6 +238,12 @@ async fn issue(
             subject: Some(record.subject),
             reason: Some("store write failed"),
         });
+    }
+    if let Some(cluster) = state.cluster.get() {
+        let expires_at_ms = record.expires_at_ms;
+        cluster
+            .publish(&key, Published::Issued { expires_at_ms })
+            .await;
     }
     Ok((ticket, record))
 }

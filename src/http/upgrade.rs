@@ -346,8 +346,9 @@ pub(crate) async fn consume_ticket(
     let key = ticket::key_of(ticket);
     let consumed = match state.cluster.get() {
         Some(cluster) => {
+            let now_ms = state.clock.now_ms();
             cluster
-                .consume(state.store.as_ref(), ticket, &key, origin)
+                .consume(state.store.as_ref(), ticket, &key, origin, now_ms)
                 .await
         }
         None => state.store.consume(&key, origin).await,
