@@ -494,6 +494,58 @@ async fn node_without_secret_cannot_join() {
     assert_ne!(upgrade(cluster.node(0), &foreign).await, "ok");
 }
 
+/// Returns `tickets_published_by_others` from a node's `/readyz`.
+async fn published_by_others(client: &reqwest::Client, server: &Server) -> u64 {
+    let body: Value = client
+        .get(server.admin_url("/readyz"))
+        .send()
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("readyz JSON");
+    body["cluster"]["tickets_published_by_others"]
+        .as_u64()
+        .expect("tickets_published_by_others")
+}
+
+/// Issues `samples` tickets on node 0 one after another and prints how long
+/// each took to be published on every other node (p50 and p99). Each sample
+/// polls the other nodes' `/readyz` without pause, bounded to 10 s.
+async fn print_propagation(cluster: &TestCluster, samples: usize) {
+    let client = reqwest::Client::new();
+    let token = Signer::token("propagation");
+    let others: Vec<usize> = (1..cluster.nodes.len()).collect();
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let mut before = Vec::new();
+        for &node in &others {
+            before.push(published_by_others(&client, cluster.node(node)).await);
+        }
+        let started = Instant::now();
+        ticket_for(cluster.node(0), &token).await;
+        for (position, &node) in others.iter().enumerate() {
+            loop {
+                if published_by_others(&client, cluster.node(node)).await > before[position] {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "node {node} did not receive the ticket state in 10 s"
+                );
+            }
+        }
+        times.push(started.elapsed());
+    }
+    times.sort();
+    println!(
+        "cluster bench nodes={} propagation_samples={samples} known_on_all_p50_ms={:.1} known_on_all_p99_ms={:.1}",
+        cluster.nodes.len(),
+        quantile_ms(&times, 0.5),
+        quantile_ms(&times, 0.99),
+    );
+}
+
 /// Returns the `q` quantile of sorted durations, in milliseconds.
 fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
     let position = ((sorted.len() as f64 - 1.0) * q).round() as usize;
@@ -516,6 +568,9 @@ async fn cluster_throughput_figures() {
     for size in [1u8, 3, 5] {
         let cluster = TestCluster::start(size).await;
         let cluster = &cluster;
+        if size > 1 {
+            print_propagation(cluster, 50).await;
+        }
         let started = Instant::now();
         let mut tasks = Vec::new();
         for client in 0..clients {
