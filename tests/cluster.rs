@@ -304,8 +304,8 @@ async fn upgrade(server: &Server, ticket: &str) -> String {
 /// `racers` clients upgrade at once on random live nodes: the first with the
 /// new ticket, each other one with the new ticket or, half of the time, one
 /// of the last ten tickets. Those may be used already, or homed on a node
-/// that is down. With `chaos`, a random node is killed with SIGKILL every ten
-/// rounds and restarted ten rounds later on the same data directory.
+/// that is down. With `chaos`, a random node is killed with SIGKILL every
+/// twenty rounds and restarted ten rounds later on the same data directory.
 async fn run_history(
     cluster: &mut TestCluster,
     rng: &mut Rng,
