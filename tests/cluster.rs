@@ -908,3 +908,41 @@ async fn partition_history_in_namespaces() {
         "no upgrade met an unreachable home, so the partitions did not bite: {verdict:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_ticket_states_reach_restarted_node() {
+    // A node that restarts catches up on 3,000 states at once, so chitchat
+    // sends deltas near its size limit (about 56 KB in this test). The
+    // transport splits any that would exceed the largest UDP payload once
+    // sealed.
+    let mut cluster = TestCluster::start(2).await;
+    cluster.kill_node(1).await;
+    let tickets = 3_008;
+    let clients = 16;
+    let mut issuing = Vec::new();
+    let issuer = cluster.node(0);
+    for client in 0..clients {
+        issuing.push(async move {
+            let token = Signer::token(&format!("bulk-{client}"));
+            for _ in 0..tickets / clients {
+                ticket_for(issuer, &token).await;
+            }
+        });
+    }
+    futures_util::future::join_all(issuing).await;
+    cluster.start_node(1).await;
+
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let published = published_by_others(&client, cluster.node(1)).await;
+        if published >= tickets as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 1 received {published} of {tickets} ticket states in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
