@@ -691,6 +691,14 @@ async fn used_ticket_rejected_while_home_down() {
     let token = Signer::token("tombstone-user");
     let ticket = ticket_for(cluster.node(0), &token).await;
     assert_eq!(upgrade(cluster.node(1), &ticket).await, "ok");
+    let forwarded = cluster
+        .node(1)
+        .wait_event("cluster_forwarded_consume")
+        .await;
+    assert_eq!(forwarded["home"], 0);
+    assert_eq!(forwarded["result"], "consumed");
+    assert_eq!(forwarded["ticket_id"], common::ticket_log_id(&ticket));
+    assert!(forwarded["latency_ms"].as_f64().is_some(), "{forwarded}");
 
     // Nodes 1 and 2 learn from gossip that node 0 consumed the ticket. Until
     // then they ask node 0, which also rejects it; they must never accept it.

@@ -31,7 +31,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::metrics::{Metrics, LATENCY_BUCKETS};
 use crate::store::{RedeemError, TicketRecord, TicketStore};
-use crate::ticket::TicketKey;
+use crate::ticket::{log_id, TicketKey};
 use forward::{ConsumeAnswer, ConsumeRequest};
 use records::Published;
 pub use settings::{ClusterArgs, ClusterConfig, ClusterKeys, Consistency};
@@ -228,8 +228,8 @@ impl Cluster {
                 .and_then(|addr| addr.parse().ok());
             if let Some(admin) = admin {
                 // NOTE: when two nodes run with the same --cluster-node-id,
-                // the one listed last wins here, and the tickets of the other
-                // are rejected as unknown on every node but itself. A start-up
+                // the one started last is used here, and the tickets of the
+                // other are rejected as unknown on every node but itself. A start-up
                 // check that rejects a taken index would close this.
                 members.insert(index, admin);
             }
@@ -352,9 +352,8 @@ impl Cluster {
         };
         let started = Instant::now();
         let result = self.forward(admin, key, origin).await;
-        self.metrics
-            .forward_duration
-            .observe(started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.forward_duration.observe(seconds);
         let label = match &result {
             Ok(_) => "consumed",
             Err(RedeemError::HomeUnavailable) => {
@@ -364,6 +363,15 @@ impl Cluster {
             Err(_) => "rejected",
         };
         self.metrics.forwarded.with_label_values(&[label]).inc();
+        tracing::info!(
+            event = "cluster_forwarded_consume",
+            ticket_id = %log_id(key),
+            home,
+            home_admin = %admin,
+            result = label,
+            latency_ms = seconds * 1000.0,
+            "consumption forwarded to the ticket's home node"
+        );
         result
     }
 
