@@ -954,3 +954,41 @@ async fn many_ticket_states_reach_restarted_node() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn single_node_has_no_cluster_surface() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jwks = JwksServer::start(common::default_jwks()).await;
+    let server = Server::start(ServerOptions::new(jwks.url(), dir.path())).await;
+
+    let metrics = reqwest::get(server.admin_url("/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        !metrics.contains("wsticket_cluster_"),
+        "cluster metrics in single-node mode"
+    );
+
+    let ready: Value = reqwest::get(server.admin_url("/readyz"))
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("readyz JSON");
+    assert!(ready.get("cluster").is_none(), "{ready}");
+
+    let internal = reqwest::Client::new()
+        .post(server.admin_url("/internal/cluster/consume"))
+        .body("{}")
+        .send()
+        .await
+        .expect("internal request");
+    assert_eq!(internal.status(), 404);
+
+    let ticket = ticket_for(&server, &Signer::token("single")).await;
+    assert_eq!(upgrade(&server, &ticket).await, "ok");
+    assert!(server.events("cluster_joined").is_empty());
+}

@@ -5,10 +5,12 @@
 //! The request and the answer are both signed with HMAC-SHA256 under a key
 //! derived from the cluster secret. The request's MAC covers a timestamp and
 //! a random nonce, and the answer's MAC covers that nonce, so an answer cannot
-//! be replayed onto another request. Requests older or newer than
-//! [`MAX_CLOCK_SKEW`] are rejected. A replayed request within that window
-//! can only consume a ticket that an authenticated node already asked to
-//! consume, and its answer is useless without the key.
+//! be replayed onto another request. Requests whose timestamp is more than
+//! [`MAX_CLOCK_SKEW_MS`] off the home node's clock are rejected. A request
+//! replayed within that window can only consume a ticket that a node already
+//! asked to consume, and opens no connection for whoever replays it. Neither
+//! body is encrypted: the answer carries the ticket's record, so the admin
+//! listeners belong on a private network.
 
 use ring::hmac;
 use serde::{Deserialize, Serialize};

@@ -14,11 +14,11 @@ use crate::config::{invalid, ConfigError};
 /// Shortest cluster secret accepted, in bytes.
 const MIN_SECRET_BYTES: usize = 32;
 
-/// What a node does with an upgrade whose home node cannot be reached.
+/// The policy for an upgrade whose home node cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Consistency {
-    /// Reject it with `503 ticket_home_unavailable`: a ticket is accepted at
-    /// most once, at the price of tickets whose home is down.
+    /// Reject it with `503 ticket_home_unavailable`, so a ticket is accepted
+    /// at most once, at the price of the tickets whose home is unreachable.
     Strict,
 }
 
@@ -52,12 +52,12 @@ pub struct ClusterArgs {
     #[arg(long, env = "WSTICKET_CLUSTER_NODE_ID", requires = "cluster_listen")]
     pub cluster_node_id: Option<u8>,
 
-    /// What happens when a ticket's home node cannot be reached: strict
-    /// rejects the upgrade with 503 ticket_home_unavailable.
+    /// Policy when a ticket's home node cannot be reached: strict rejects
+    /// the upgrade with 503 ticket_home_unavailable.
     #[arg(long, env = "WSTICKET_CLUSTER_CONSISTENCY", value_enum, default_value_t = Consistency::Strict)]
     pub cluster_consistency: Consistency,
 
-    /// How long a node waits for a ticket's home node to answer a forwarded
+    /// How long a node waits for a ticket's home node to respond to a forwarded
     /// consumption before rejecting the upgrade.
     #[arg(long, env = "WSTICKET_CLUSTER_FORWARD_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub cluster_forward_timeout: Duration,
@@ -75,7 +75,7 @@ pub struct ClusterKeys {
     pub home: hmac::Key,
     /// Source of the gossip AEAD key.
     pub gossip: [u8; 32],
-    /// Signs forwarded consumptions and their answers.
+    /// Key that signs forwarded consumptions and their responses.
     pub forward: hmac::Key,
 }
 
@@ -188,4 +188,95 @@ fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path) -> ClusterArgs {
+        let secret_file = dir.join("secret");
+        std::fs::write(&secret_file, "0123456789abcdef0123456789abcdef\n").expect("write secret");
+        ClusterArgs {
+            cluster_listen: Some("127.0.0.1:7946".parse().expect("address")),
+            cluster_peers: Vec::new(),
+            cluster_secret_file: Some(secret_file),
+            cluster_node_id: Some(3),
+            cluster_consistency: Consistency::Strict,
+            cluster_forward_timeout: Duration::from_secs(2),
+            cluster_gossip_interval: Duration::from_millis(200),
+        }
+    }
+
+    #[test]
+    fn cluster_is_off_without_listen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut args = args(dir.path());
+        args.cluster_listen = None;
+        assert!(ClusterConfig::from_args(args).expect("valid").is_none());
+    }
+
+    #[test]
+    fn valid_flags_give_config() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = ClusterConfig::from_args(args(dir.path()))
+            .expect("valid")
+            .expect("cluster mode on");
+        assert_eq!(config.node_id, 3);
+        assert_eq!(config.consistency, Consistency::Strict);
+    }
+
+    /// A flag and a change of the valid arguments that makes it invalid.
+    type InvalidCase = (&'static str, Box<dyn Fn(&mut ClusterArgs)>);
+
+    #[test]
+    fn invalid_flags_name_the_flag() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cases: Vec<InvalidCase> = vec![
+            (
+                "cluster-secret-file",
+                Box::new(|a| a.cluster_secret_file = None),
+            ),
+            ("cluster-node-id", Box::new(|a| a.cluster_node_id = None)),
+            (
+                "cluster-node-id",
+                Box::new(|a| a.cluster_node_id = Some(62)),
+            ),
+            (
+                "cluster-forward-timeout",
+                Box::new(|a| a.cluster_forward_timeout = Duration::ZERO),
+            ),
+            (
+                "cluster-gossip-interval",
+                Box::new(|a| a.cluster_gossip_interval = Duration::from_millis(1)),
+            ),
+        ];
+        for (flag, change) in cases {
+            let mut args = args(dir.path());
+            change(&mut args);
+            let err = ClusterConfig::from_args(args).expect_err(flag);
+            assert_eq!(err.flag, flag);
+        }
+    }
+
+    #[test]
+    fn short_secret_is_rejected() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut args = args(dir.path());
+        let short = dir.path().join("short");
+        std::fs::write(&short, "too short\n").expect("write");
+        args.cluster_secret_file = Some(short);
+        let err = ClusterConfig::from_args(args).expect_err("short secret");
+        assert_eq!(err.flag, "cluster-secret-file");
+        assert!(err.reason.contains("9 bytes"), "{}", err.reason);
+    }
+
+    #[test]
+    fn derived_keys_differ_by_use() {
+        let keys = ClusterKeys::derive(b"0123456789abcdef0123456789abcdef");
+        let home = hmac::sign(&keys.home, b"x");
+        let forward = hmac::sign(&keys.forward, b"x");
+        assert_ne!(home.as_ref(), forward.as_ref());
+        assert_ne!(&keys.gossip[..], home.as_ref());
+    }
 }

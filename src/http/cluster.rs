@@ -1,5 +1,5 @@
 //! `POST /internal/cluster/consume` on the admin listener: the home node's
-//! side of a forwarded consumption. It answers `404` unless cluster mode is
+//! side of a forwarded consumption. It returns `404` unless cluster mode is
 //! on, and `401` to a request without a valid, fresh MAC.
 
 use std::sync::Arc;
