@@ -15,7 +15,7 @@
 //! random nonce. chitchat fills its messages up to the largest UDP payload,
 //! which leaves no room for the nonce and the tag, so a message that would
 //! not fit is sent as two halves. The plaintext starts with a frame byte:
-//! [`WHOLE`], or [`FIRST_HALF`] / [`SECOND_HALF`] followed by an 8-byte
+//! `WHOLE`, or `FIRST_HALF` / `SECOND_HALF` followed by an 8-byte
 //! message id. A half whose other half is lost is dropped, as a lost datagram
 //! would be. A node without the secret can neither read gossip nor inject
 //! any. A captured datagram can be replayed, which chitchat tolerates because
