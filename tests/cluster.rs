@@ -987,8 +987,51 @@ async fn single_node_has_no_cluster_surface() {
         .await
         .expect("internal request");
     assert_eq!(internal.status(), 404);
+    let internal_get = reqwest::get(server.admin_url("/internal/cluster/consume"))
+        .await
+        .expect("internal request");
+    assert_eq!(internal_get.status(), 404);
 
     let ticket = ticket_for(&server, &Signer::token("single")).await;
     assert_eq!(upgrade(&server, &ticket).await, "ok");
     assert!(server.events("cluster_joined").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_forward_is_rejected() {
+    let cluster = TestCluster::start(1).await;
+    let node = cluster.node(0);
+    let ticket = ticket_for(node, &Signer::token("forged-user")).await;
+    let hash = ring::digest::digest(&ring::digest::SHA256, ticket.as_bytes());
+    let body = serde_json::json!({ "key": hex::encode(hash.as_ref()), "origin": null }).to_string();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis()
+        .to_string();
+    let client = reqwest::Client::new();
+
+    let unsigned = client
+        .post(node.admin_url("/internal/cluster/consume"))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("unsigned request");
+    assert_eq!(unsigned.status(), 401);
+    let wrong_mac = client
+        .post(node.admin_url("/internal/cluster/consume"))
+        .header("x-wsticket-cluster-time", &now_ms)
+        .header("x-wsticket-cluster-nonce", "00")
+        .header("x-wsticket-cluster-mac", "ab".repeat(32))
+        .body(body)
+        .send()
+        .await
+        .expect("request with a wrong MAC");
+    assert_eq!(wrong_mac.status(), 401);
+
+    let rejected = node
+        .metric("wsticket_cluster_forward_unauthenticated_total")
+        .await;
+    assert_eq!(rejected, 2.0);
+    assert_eq!(upgrade(node, &ticket).await, "ok");
 }

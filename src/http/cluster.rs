@@ -23,8 +23,9 @@ pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let with_state = warp::any().map(move || state.clone());
+    // The cluster check comes before the method check, so that without
+    // cluster mode every request to the path is a plain 404.
     warp::path!("internal" / "cluster" / "consume")
-        .and(warp::post())
         .and(with_state)
         .and_then(|state: Arc<AppState>| async move {
             if state.cluster.get().is_none() {
@@ -32,6 +33,7 @@ pub fn routes(
             }
             Ok(state)
         })
+        .and(warp::post())
         .and(warp::header::headers_cloned())
         .and(warp::body::content_length_limit(MAX_BODY_BYTES))
         .and(warp::body::bytes())
