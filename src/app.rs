@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::audit::Audit;
 use crate::auth::Verifier;
 use crate::clock::SharedClock;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
@@ -42,6 +43,8 @@ pub struct AppState {
     /// The upstream and the upgrade limits.
     pub gateway: Gateway,
     pub audit: Arc<Audit>,
+    /// The cluster membership, set once at start in cluster mode only.
+    pub cluster: std::sync::OnceLock<Arc<Cluster>>,
 }
 
 impl AppState {
@@ -66,6 +69,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
             audit: Arc::new(Audit::new()),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 

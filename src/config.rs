@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use jsonwebtoken::Algorithm;
 use url::Url;
 
+use crate::cluster::{ClusterArgs, ClusterConfig};
 use crate::gateway::settings::{GatewayArgs, GatewayConfig};
 
 /// Largest bearer token accepted, in bytes. Keycloak and Entra ID tokens that
@@ -296,6 +297,9 @@ pub struct ServeArgs {
     /// The gateway, redeem API, TLS and upgrade limit flags.
     #[command(flatten)]
     pub gateway: GatewayArgs,
+
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 #[derive(Debug, Args)]
@@ -387,6 +391,8 @@ pub struct Config {
     pub header_timeout: Duration,
     pub ping_interval: Duration,
     pub gateway: GatewayConfig,
+    /// `None` unless `--cluster-listen` is given.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// A flag value that failed validation.
@@ -398,7 +404,11 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-fn invalid(flag: &'static str, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(
+    flag: &'static str,
+    value: impl Into<String>,
+    reason: impl Into<String>,
+) -> ConfigError {
     ConfigError {
         flag,
         value: value.into(),
@@ -583,6 +593,7 @@ impl Config {
             header_timeout: args.header_timeout,
             ping_interval: args.ping_interval,
             gateway: GatewayConfig::from_args(args.gateway)?,
+            cluster: ClusterConfig::from_args(args.cluster)?,
         })
     }
 }

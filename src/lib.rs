@@ -10,6 +10,7 @@
 //! - [`auth`]: JWT verification against a JWKS, and the key fetching
 //! - [`ticket`]: ticket generation and the hashed ids used in logs and storage
 //! - [`store`]: the ticket store trait and its moka + sled implementation
+//! - [`cluster`]: cluster mode: home nodes, gossip and forwarded consumption
 //! - [`metrics`]: Prometheus metrics
 //! - [`audit`]: the audit log of authentication events, with flood control
 //! - [`clock`]: wall-clock time as a parameter, for tests of expiry
@@ -20,6 +21,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod demo_browser;

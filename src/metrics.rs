@@ -12,7 +12,7 @@ use prometheus::{
 };
 
 /// Latency buckets in seconds, from 100 µs to 5 s.
-const LATENCY_BUCKETS: &[f64] = &[
+pub(crate) const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
@@ -246,6 +246,14 @@ impl Metrics {
     }
 
     /// Renders every metric in the Prometheus text format.
+    /// Registers a collector that only exists in some modes, such as the
+    /// cluster metrics.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry
+            .register(collector)
+            .expect("each collector registers once");
+    }
+
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
         TextEncoder::new()

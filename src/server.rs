@@ -27,6 +27,7 @@ use warp::reply::Response;
 use crate::app::AppState;
 use crate::auth;
 use crate::clock::{SharedClock, SystemClock};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::upgrade::ClientAddr;
 use crate::http::{self as routes, upgrade};
@@ -64,6 +65,8 @@ pub enum StartError {
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterStartError),
 }
 
 /// Binds both listeners of `config`.
@@ -144,6 +147,20 @@ pub async fn serve(
     let limiter_task = tokio::spawn(prune_rate_limiter(state.clone()));
     let audit_task = tokio::spawn(state.audit.clone().run_flusher());
 
+    let cluster = match (state.config.cluster.clone(), admin_addr_of(&listeners)) {
+        (Some(config), Some(admin_addr)) => {
+            let admin_addr = advertised_admin_addr(admin_addr, config.listen);
+            let record_lifetime = state.config.ticket_ttl + state.config.expired_grace;
+            let cluster = Arc::new(
+                Cluster::start(config, admin_addr, record_lifetime, &state.metrics).await?,
+            );
+            let _ = state.cluster.set(cluster.clone());
+            tokio::spawn(cluster.clone().run_membership_log());
+            Some(cluster)
+        }
+        _ => None,
+    };
+
     let stop_accepting = CancellationToken::new();
     let graceful = Arc::new(GracefulShutdown::new());
     let public_addr = listeners.public.local_addr().ok();
@@ -209,6 +226,9 @@ pub async fn serve(
     if let Some(task) = reload_task {
         task.abort();
     }
+    if let Some(cluster) = cluster {
+        cluster.shutdown().await;
+    }
     flusher_task.abort();
     repair_task.abort();
     if let Err(err) = store.flush_now().await {
@@ -216,6 +236,20 @@ pub async fn serve(
     }
     tracing::info!(event = "shutdown_finished", "server stopped");
     Ok(())
+}
+
+fn admin_addr_of(listeners: &Listeners) -> Option<SocketAddr> {
+    listeners.admin.local_addr().ok()
+}
+
+/// Returns the admin address peers can reach: an unspecified admin IP
+/// (`0.0.0.0` or `::`) is replaced by the IP of the gossip socket.
+fn advertised_admin_addr(admin: SocketAddr, gossip: SocketAddr) -> SocketAddr {
+    if admin.ip().is_unspecified() {
+        SocketAddr::new(gossip.ip(), admin.port())
+    } else {
+        admin
+    }
 }
 
 /// Drops rate-limiter state of subjects not seen for a while, so the

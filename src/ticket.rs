@@ -10,7 +10,8 @@ use ring::digest::{digest, SHA256};
 use ring::rand::{SecureRandom, SystemRandom};
 
 pub const TICKET_LEN: usize = 32;
-const ALPHABET: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+pub(crate) const ALPHABET: &[u8; 62] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 /// The largest multiple of 62 that fits in a byte: bytes at or above it are
 /// drawn again so that `byte % 62` is uniform.
 const UNBIASED_LIMIT: u8 = 248;

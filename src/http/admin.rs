@@ -41,7 +41,20 @@ pub fn routes(
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            let body = serde_json::json!({ "ready": report.ready(), "checks": report });
+            let mut body = serde_json::json!({ "ready": report.ready(), "checks": report });
+            if let Some(cluster) = state.cluster.get() {
+                let members: serde_json::Map<String, serde_json::Value> = cluster
+                    .members()
+                    .await
+                    .into_iter()
+                    .map(|(index, admin)| (index.to_string(), admin.to_string().into()))
+                    .collect();
+                body["cluster"] = serde_json::json!({
+                    "node_id": cluster.config.node_id,
+                    "live_nodes": members,
+                    "tickets_published_by_others": cluster.published_by_others().await,
+                });
+            }
             Ok::<_, Infallible>(json_response(status, &body))
         });
 

@@ -45,6 +45,10 @@ pub enum ApiError {
     },
     /// The subject already has `--max-connections-per-subject` connections.
     TooManyConnections,
+    /// Cluster mode: the ticket's home node cannot be reached.
+    TicketHomeUnavailable {
+        retry_after: Duration,
+    },
     /// The redeem API was called but no `--admin-token-file` is set.
     RedeemDisabled,
     /// The redeem API was called without the admin token, or with another.
@@ -71,7 +75,9 @@ impl ApiError {
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             RedeemDisabled => StatusCode::NOT_FOUND,
             InvalidAdminToken => StatusCode::UNAUTHORIZED,
-            AuthUnavailable { .. } | StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AuthUnavailable { .. } | StoreUnavailable | TicketHomeUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             InvalidRequest(_) => StatusCode::BAD_REQUEST,
             UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             NotFound => StatusCode::NOT_FOUND,
@@ -100,6 +106,7 @@ impl ApiError {
             UpstreamUnavailable => "upstream_unavailable",
             UpgradesRateLimited { .. } => "rate_limited",
             TooManyConnections => "too_many_connections",
+            TicketHomeUnavailable { .. } => "ticket_home_unavailable",
             RedeemDisabled => "redeem_api_disabled",
             InvalidAdminToken => "invalid_admin_token",
         }
@@ -126,6 +133,7 @@ impl ApiError {
             UpstreamUnavailable => "The application server could not be reached. The ticket has been used: request a new ticket and try again.",
             UpgradesRateLimited { .. } => "Too many failed upgrades from this address; retry after the time in Retry-After.",
             TooManyConnections => "This user has too many open connections; close one, then request a new ticket.",
+            TicketHomeUnavailable { .. } => "The cluster node that issued this ticket cannot be reached; request a new ticket and try again.",
             RedeemDisabled => "The redeem API is disabled; start wsticket with --admin-token-file to enable it.",
             InvalidAdminToken => "Send the token of --admin-token-file as 'Authorization: Bearer <token>'.",
         }
@@ -138,6 +146,7 @@ impl ApiError {
             ApiError::AuthUnavailable { .. }
                 | ApiError::StoreUnavailable
                 | ApiError::UpstreamUnavailable
+                | ApiError::TicketHomeUnavailable { .. }
         )
     }
 
@@ -145,7 +154,8 @@ impl ApiError {
         match self {
             ApiError::RateLimited { retry_after }
             | ApiError::AuthUnavailable { retry_after }
-            | ApiError::UpgradesRateLimited { retry_after } => Some(*retry_after),
+            | ApiError::UpgradesRateLimited { retry_after }
+            | ApiError::TicketHomeUnavailable { retry_after } => Some(*retry_after),
             ApiError::StoreUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -239,6 +249,9 @@ impl From<RedeemError> for ApiError {
             RedeemError::Expired => ApiError::TicketExpired,
             RedeemError::OriginMismatch => ApiError::OriginNotAllowed,
             RedeemError::Store => ApiError::StoreUnavailable,
+            RedeemError::HomeUnavailable => ApiError::TicketHomeUnavailable {
+                retry_after: crate::cluster::retry_after_home_unavailable(),
+            },
         }
     }
 }
@@ -261,6 +274,7 @@ mod tests {
             ApiError::UpstreamUnavailable,
             ApiError::UpgradesRateLimited { retry_after: wait },
             ApiError::TooManyConnections,
+            ApiError::TicketHomeUnavailable { retry_after: wait },
         ]
     }
 

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod client_js;
+pub mod cluster;
 pub mod error;
 pub mod redeem;
 pub mod ticket;
@@ -38,7 +39,9 @@ pub fn admin_routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     admin::routes(state.clone())
-        .or(redeem::routes(state))
+        .or(redeem::routes(state.clone()))
+        .unify()
+        .or(cluster::routes(state))
         .unify()
         .recover(handle_rejection)
         .unify()

@@ -4,6 +4,7 @@
 //! from a disallowed Origin is answered, counted and logged like every other
 //! rejection.
 
+use crate::cluster::records::Published;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -208,7 +209,14 @@ async fn issue(
         });
     }
 
-    let ticket = ticket::generate(&state.rng).map_err(|_| Rejected {
+    let generated = match state.cluster.get() {
+        Some(cluster) => {
+            let config = &cluster.config;
+            crate::cluster::home::generate(&state.rng, &config.keys.home, config.node_id)
+        }
+        None => ticket::generate(&state.rng),
+    };
+    let ticket = generated.map_err(|_| Rejected {
         error: ApiError::StoreUnavailable,
         subject: Some(identity.subject.clone()),
         reason: Some("no system randomness"),
@@ -233,6 +241,12 @@ async fn issue(
             subject: Some(record.subject),
             reason: Some("store write failed"),
         });
+    }
+    if let Some(cluster) = state.cluster.get() {
+        let expires_at_ms = record.expires_at_ms;
+        cluster
+            .publish(&key, Published::Issued { expires_at_ms })
+            .await;
     }
     Ok((ticket, record))
 }

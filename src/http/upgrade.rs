@@ -344,7 +344,16 @@ pub(crate) async fn consume_ticket(
         return Err(ApiError::InvalidTicket.into());
     }
     let key = ticket::key_of(ticket);
-    match state.store.consume(&key, origin).await {
+    let consumed = match state.cluster.get() {
+        Some(cluster) => {
+            let now_ms = state.clock.now_ms();
+            cluster
+                .consume(state.store.as_ref(), ticket, &key, origin, now_ms)
+                .await
+        }
+        None => state.store.consume(&key, origin).await,
+    };
+    match consumed {
         Ok(record) => Ok((key, record)),
         Err(err) => Err(Failure {
             error: err.into(),

@@ -27,6 +27,9 @@ pub enum RedeemError {
     OriginMismatch,
     /// The consumption could not be made durable; the ticket is not accepted.
     Store,
+    /// Cluster mode only: the ticket's home node, which alone may consume
+    /// it, cannot be reached. The ticket is not accepted.
+    HomeUnavailable,
 }
 
 /// A storage failure.

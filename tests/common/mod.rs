@@ -128,6 +128,11 @@ pub struct JwksServer {
 
 impl JwksServer {
     pub async fn start(document: Value) -> Self {
+        Self::start_on(document, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// Starts the JWKS server on `ip`, at an ephemeral port.
+    pub async fn start_on(document: Value, ip: std::net::IpAddr) -> Self {
         let document = Arc::new(Mutex::new(document));
         let fetches = Arc::new(AtomicUsize::new(0));
         let route = {
@@ -139,7 +144,7 @@ impl JwksServer {
                 warp::reply::json(&body)
             })
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
             .expect("bind JWKS server");
         let addr = listener.local_addr().expect("address");
