@@ -533,7 +533,11 @@ async fn latency_never_double_accepts() {
     }
     cluster.start_all().await;
 
-    let history = run_history(&mut cluster, &mut rng, 40, 4, true).await;
+    let rounds = std::env::var("WSTICKET_CLUSTER_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(40);
+    let history = run_history(&mut cluster, &mut rng, rounds, 4, true).await;
     let verdict = check(&history);
     println!(
         "latency runs, tickets, double_accepts, lost_to_home_down: 1, {}, {}, {}",
