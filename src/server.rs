@@ -304,21 +304,7 @@ async fn accept_public(
             }
         });
         let Some(tls) = tls.clone() else {
-            let graceful = graceful.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                if !first_byte_arrives(&stream, header_timeout, &stop).await {
-                    return;
-                }
-                let connection = connection_builder(header_timeout)
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                drop(graceful);
-                if let Err(err) = connection.await {
-                    tracing::debug!(error = %err, "HTTP connection ended with an error");
-                }
-            });
+            spawn_plain_connection(stream, service, header_timeout, &graceful, &stop, "HTTP");
             continue;
         };
         // The handshake runs in the connection's task, so a slow client
@@ -367,22 +353,43 @@ async fn accept_admin(
             return;
         };
         let service = hyper_util::service::TowerToHyperService::new(routes.clone());
-        let graceful = graceful.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            if !first_byte_arrives(&stream, header_timeout, &stop).await {
-                return;
-            }
-            let connection = connection_builder(header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
-            drop(graceful);
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "admin connection ended with an error");
-            }
-        });
+        spawn_plain_connection(stream, service, header_timeout, &graceful, &stop, "admin");
     }
+}
+
+/// Serves one plain-TCP connection in its own task, once its first byte has
+/// arrived. The task gives up its reference to `graceful` as soon as the
+/// connection is watched, because shutdown needs the last one.
+fn spawn_plain_connection<S, B>(
+    stream: tokio::net::TcpStream,
+    service: S,
+    header_timeout: Duration,
+    graceful: &Arc<GracefulShutdown>,
+    stop: &CancellationToken,
+    listener: &'static str,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = http::Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let graceful = graceful.clone();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        if !first_byte_arrives(&stream, header_timeout, &stop).await {
+            return;
+        }
+        let connection = connection_builder(header_timeout)
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        drop(graceful);
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, listener, "connection ended with an error");
+        }
+    });
 }
 
 /// Accepts the next connection, or returns `None` once `stop` is cancelled.
