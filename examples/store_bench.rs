@@ -281,8 +281,8 @@ async fn store_pairs_per_second(sync: SyncMode, tasks: u64, duration: Duration) 
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-/// The same pairs against a moka cache alone: the cost of the operations
-/// without any disk.
+/// Runs the same pairs against a moka cache alone, to show the cost of the
+/// operations without any disk.
 async fn memory_pairs_per_second(tasks: u64, duration: Duration) -> f64 {
     let cache: moka::sync::Cache<ticket::TicketKey, Arc<TicketRecord>> =
         moka::sync::Cache::builder().max_capacity(2_000_000).build();

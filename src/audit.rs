@@ -44,7 +44,7 @@ pub struct AuditEvent<'a> {
     /// `upgrade` or `redeem_api` for redemptions.
     pub via: Option<&'static str>,
     pub client_ip: Option<IpAddr>,
-    /// Why a token was rejected, for operators; never contains the token.
+    /// Reason a token was rejected, for operators. It never contains the token.
     pub reason: Option<&'a str>,
     pub message: &'static str,
 }
@@ -120,7 +120,7 @@ impl Audit {
         }
     }
 
-    /// Writes the summaries of windows that have ended and forgets them.
+    /// Writes the summaries of windows that have ended and removes them.
     pub fn flush_ended(&self, now: Instant) {
         let mut windows = self.lock();
         windows.retain(|key, window| {

@@ -305,7 +305,7 @@ async fn kill_9_loses_no_acknowledged_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_never_revives_used_ticket_when_batched() {
     // The server acknowledges at most --sync-interval (10 ms) before its flush
-    // starts; the flush itself and the client's receipt add to that, so the
+    // starts. The flush itself and the client's receipt add to that, so the
     // window checked here is wider than the interval.
     let window = Duration::from_millis(10 + 150);
     let cycles = cycles_from_env().min(10);

@@ -17,7 +17,7 @@ export declare const ERROR_KINDS: readonly ErrorKind[];
 export interface Limits {
   /** Delay before the first retry, in milliseconds. Default 500. */
   initialDelayMs: number;
-  /** Longest delay between retries, in milliseconds. Default 30000. */
+  /** Maximum delay between retries, in milliseconds. Default 30000. */
   maxDelayMs: number;
   /** Growth of the delay per failed attempt. Default 2. */
   factor: number;
@@ -31,7 +31,7 @@ export interface Limits {
   openTimeoutMs: number;
   /** Age up to which a JWT refreshed by another tab is used instead of refreshing again, in milliseconds. Default 10000. */
   sharedTokenMaxAgeMs: number;
-  /** Longest wait for another tab's refresh, in milliseconds. Default 10000. */
+  /** Maximum wait for another tab's refresh, in milliseconds. Default 10000. */
   refreshWaitMs: number;
   /** Pause after announcing a refresh, so two tabs announcing at once agree on one, in milliseconds. Default 30. */
   claimSettleMs: number;

@@ -14,7 +14,7 @@ use url::Url;
 use crate::config::ConfigError;
 use crate::http::redeem::AdminToken;
 
-/// How a failing upgrade is answered.
+/// How a failing upgrade is rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RejectWith {
     /// An HTTP error status with a JSON body, before any `101`.
@@ -61,7 +61,7 @@ pub struct GatewayArgs {
     #[arg(long, env = "WSTICKET_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
-    /// How a failing upgrade is answered: an HTTP status, or a 101 followed
+    /// How a failing upgrade is rejected: an HTTP status, or a 101 followed
     /// by a close frame with code 4000 + that status.
     #[arg(long, env = "WSTICKET_REJECT_WITH", value_enum, default_value_t = RejectWith::Http)]
     pub reject_with: RejectWith,

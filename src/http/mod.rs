@@ -62,7 +62,7 @@ async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> 
     Ok(error.to_response(None))
 }
 
-/// Attaches the request id to an answer.
+/// Attaches the request id to a response.
 pub fn with_request_id(mut response: Response, request_id: &str) -> Response {
     if let Ok(value) = http::HeaderValue::from_str(request_id) {
         response.headers_mut().insert("x-request-id", value);

@@ -1,7 +1,7 @@
 //! `POST /websocket/ticket`: trades a bearer JWT for a single-use ticket.
 //!
 //! CORS is handled here rather than with `warp::cors()` so that a request
-//! from a disallowed Origin is answered, counted and logged like every other
+//! from a disallowed Origin is rejected, counted and logged like every other
 //! rejection.
 
 use crate::cluster::records::Published;
@@ -59,7 +59,7 @@ struct TicketBody {
 struct Rejected {
     error: ApiError,
     subject: Option<String>,
-    /// Why the token was rejected, for the log only.
+    /// Reason the token was rejected, for the log only.
     reason: Option<&'static str>,
 }
 

@@ -16,7 +16,7 @@ pub use sled_store::{OpenError, SledStore, StoreSettings};
 
 use crate::ticket::TicketKey;
 
-/// Why a ticket cannot be redeemed.
+/// Reason a ticket cannot be redeemed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RedeemError {
     /// No record: never issued, or forgotten after its grace window.

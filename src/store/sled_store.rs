@@ -534,7 +534,7 @@ impl TicketStore for SledStore {
         self.cache.insert(*key, Arc::new(consumed.clone()));
         self.metrics.live_tickets.dec();
         if let Err(err) = self.flush().await {
-            // The record already says consumed, so the ticket stays unusable;
+            // The record is already marked consumed, so the ticket stays unusable and
             // the client receives store_unavailable instead of an acceptance.
             tracing::error!(event = "store_error", ticket_id = %log_id(key), error = %err, "flushing a consumption failed");
             return Err(RedeemError::Store);
@@ -657,7 +657,7 @@ mod tests {
         clock.advance(Duration::from_secs(30));
         assert_eq!(store.consume(&key, None).await, Err(RedeemError::Expired));
 
-        // The schedule marks it expired unused, then forgets it after the grace window.
+        // The schedule marks it expired unused, then removes it after the grace window.
         assert_eq!(store.run_due(), 1);
         assert_eq!(store.metrics.tickets_expired_unused.get(), 1);
         assert_eq!(store.consume(&key, None).await, Err(RedeemError::Expired));

@@ -58,7 +58,7 @@ pub fn fixture_jwk(file: &str, kid: &str) -> Value {
         .unwrap_or_else(|| panic!("no kid {kid} in {file}"))
 }
 
-/// The default test key set: `rsa-a` (RS256, kid `rsa-a`) and `ec256`
+/// Returns the default test key set: `rsa-a` (RS256, kid `rsa-a`) and `ec256`
 /// (ES256, kid `ec256`).
 pub fn default_jwks() -> Value {
     json!({
@@ -106,7 +106,7 @@ impl Signer {
         Self::sign(Algorithm::RS256, "rsa-a", Some("rsa-a"), claims)
     }
 
-    /// An RS256 token by `rsa-a` for `subject`.
+    /// Signs an RS256 token with `rsa-a` for `subject`.
     pub fn token(subject: &str) -> String {
         Self::sign(
             Algorithm::RS256,
@@ -374,7 +374,7 @@ impl Server {
         }
     }
 
-    /// Every line the process printed so far.
+    /// Returns every line the process printed so far.
     pub fn logs(&self) -> Vec<String> {
         self.lines.lock().expect("lock").clone()
     }
@@ -394,13 +394,13 @@ impl Server {
         }
     }
 
-    /// The JSON log events named `name`, once the log has settled.
+    /// Returns the JSON log events named `name`, once the log has settled.
     pub async fn settled_events(&self, name: &str) -> Vec<Value> {
         self.settle_logs().await;
         self.events(name)
     }
 
-    /// The JSON log events whose `event` field is `name`.
+    /// Returns the JSON log events whose `event` field is `name`.
     pub fn events(&self, name: &str) -> Vec<Value> {
         self.logs()
             .iter()
@@ -491,7 +491,7 @@ fn listen_addr(lines: &[String], listener: &str) -> Option<SocketAddr> {
     })
 }
 
-/// An HTTP answer as a test sees it.
+/// An HTTP response as a test receives it.
 pub struct Answer {
     pub status: u16,
     pub headers: reqwest::header::HeaderMap,
@@ -644,13 +644,13 @@ pub async fn next_text(socket: &mut Socket) -> String {
     }
 }
 
-/// A loopback port that nothing listens on.
+/// Returns a loopback address that nothing listens on.
 pub fn closed_port() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("address")
 }
 
-/// The log id of a ticket: 12 hex characters of its SHA-256.
+/// Returns the log id of a ticket: 12 hex characters of its SHA-256.
 pub fn ticket_log_id(ticket: &str) -> String {
     let hash = ring::digest::digest(&ring::digest::SHA256, ticket.as_bytes());
     hex::encode(&hash.as_ref()[..6])
