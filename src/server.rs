@@ -149,7 +149,9 @@ pub async fn serve(
 
     let cluster = match (state.config.cluster.clone(), admin_addr_of(&listeners)) {
         (Some(config), Some(admin_addr)) => {
-            let admin_addr = advertised_admin_addr(admin_addr, config.listen);
+            let admin_addr = config
+                .admin_advertise
+                .unwrap_or_else(|| advertised_admin_addr(admin_addr, config.advertise));
             let record_lifetime = state.config.ticket_ttl + state.config.expired_grace;
             let cluster = Arc::new(
                 Cluster::start(config, admin_addr, record_lifetime, &state.metrics).await?,
@@ -242,8 +244,9 @@ fn admin_addr_of(listeners: &Listeners) -> Option<SocketAddr> {
     listeners.admin.local_addr().ok()
 }
 
-/// Returns the admin address peers can reach: an unspecified admin IP
-/// (`0.0.0.0` or `::`) is replaced by the IP of the gossip socket.
+/// Returns the admin address peers can reach when `--cluster-admin-advertise`
+/// is not given: an unspecified admin IP (`0.0.0.0` or `::`) is replaced by
+/// the advertised gossip IP.
 fn advertised_admin_addr(admin: SocketAddr, gossip: SocketAddr) -> SocketAddr {
     if admin.ip().is_unspecified() {
         SocketAddr::new(gossip.ip(), admin.port())

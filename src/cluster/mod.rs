@@ -63,8 +63,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Joins the cluster, publishing `admin_addr` as the address peers
-    /// forward consumptions to.
+    /// Joins the cluster, publishing `config.advertise` as this node's gossip
+    /// address and `admin_addr` as the address peers forward consumptions to.
     ///
     /// `record_lifetime` is how long a published ticket state stays in
     /// gossip: at least the ticket lifetime plus `--expired-grace`.
@@ -79,7 +79,7 @@ impl Cluster {
         // from the one they knew.
         let generation = unix_ms();
         let chitchat_config = ChitchatConfig {
-            chitchat_id: ChitchatId::new(node_name(config.node_id), generation, config.listen),
+            chitchat_id: ChitchatId::new(node_name(config.node_id), generation, config.advertise),
             cluster_id: CLUSTER_ID.to_owned(),
             gossip_interval: config.gossip_interval,
             listen_addr: config.listen,
@@ -110,7 +110,7 @@ impl Cluster {
             .connect_timeout(config.forward_timeout)
             .build()
             .expect("a client without TLS settings builds");
-        tracing::info!(event = "cluster_joined", node_id = config.node_id, gossip = %config.listen, admin = %admin_addr, seeds = config.peers.len(), "cluster gossip started");
+        tracing::info!(event = "cluster_joined", node_id = config.node_id, gossip = %config.listen, gossip_advertised = %config.advertise, admin_advertised = %admin_addr, seeds = config.peers.len(), "cluster gossip started");
         Ok(Cluster {
             config,
             metrics,

@@ -29,6 +29,22 @@ pub struct ClusterArgs {
     #[arg(long, env = "WSTICKET_CLUSTER_LISTEN")]
     pub cluster_listen: Option<SocketAddr>,
 
+    /// Gossip address the other nodes reach this node at, when it is not
+    /// --cluster-listen (behind NAT, a port mapping or a relay). Defaults to
+    /// --cluster-listen.
+    #[arg(long, env = "WSTICKET_CLUSTER_ADVERTISE", requires = "cluster_listen")]
+    pub cluster_advertise: Option<SocketAddr>,
+
+    /// Address the other nodes send forwarded consumptions to: this node's
+    /// admin listener as they reach it. Defaults to the admin listener's
+    /// address, with an unspecified IP replaced by the advertised gossip IP.
+    #[arg(
+        long,
+        env = "WSTICKET_CLUSTER_ADMIN_ADVERTISE",
+        requires = "cluster_listen"
+    )]
+    pub cluster_admin_advertise: Option<SocketAddr>,
+
     /// Gossip address of another node to join through; repeat for several.
     #[arg(
         long = "cluster-peer",
@@ -107,6 +123,11 @@ impl ClusterKeys {
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub listen: SocketAddr,
+    /// The gossip address published to the other nodes.
+    pub advertise: SocketAddr,
+    /// The admin address published to the other nodes, when given; otherwise
+    /// it is derived from the bound admin listener at start.
+    pub admin_advertise: Option<SocketAddr>,
     pub peers: Vec<SocketAddr>,
     pub node_id: u8,
     pub keys: ClusterKeys,
@@ -156,6 +177,16 @@ impl ClusterConfig {
                 "must be at least 10ms",
             ));
         }
+        let advertise = args.cluster_advertise.unwrap_or(listen);
+        let advertise_flag = if args.cluster_advertise.is_some() {
+            "cluster-advertise"
+        } else {
+            "cluster-listen"
+        };
+        check_reachable(advertise_flag, advertise)?;
+        if let Some(admin) = args.cluster_admin_advertise {
+            check_reachable("cluster-admin-advertise", admin)?;
+        }
         let secret = read_secret(&secret_file).map_err(|reason| {
             invalid(
                 "cluster-secret-file",
@@ -165,6 +196,8 @@ impl ClusterConfig {
         })?;
         Ok(Some(ClusterConfig {
             listen,
+            advertise,
+            admin_advertise: args.cluster_admin_advertise,
             peers: args.cluster_peers,
             node_id,
             keys: ClusterKeys::derive(&secret),
@@ -173,6 +206,27 @@ impl ClusterConfig {
             gossip_interval: args.cluster_gossip_interval,
         }))
     }
+}
+
+/// Rejects an address that other nodes cannot send to: an unspecified IP
+/// (`0.0.0.0`, `::`) or port 0.
+fn check_reachable(flag: &'static str, addr: SocketAddr) -> Result<(), ConfigError> {
+    if addr.ip().is_unspecified() {
+        let hint = if flag == "cluster-listen" {
+            "other nodes cannot reach an unspecified IP; give --cluster-advertise with this node's address"
+        } else {
+            "other nodes cannot reach an unspecified IP; give this node's address"
+        };
+        return Err(invalid(flag, addr.to_string(), hint));
+    }
+    if addr.port() == 0 {
+        return Err(invalid(
+            flag,
+            addr.to_string(),
+            "other nodes need a fixed port; port 0 is chosen at random",
+        ));
+    }
+    Ok(())
 }
 
 /// Reads the secret, without its trailing newline.
@@ -199,6 +253,8 @@ mod tests {
         std::fs::write(&secret_file, "0123456789abcdef0123456789abcdef\n").expect("write secret");
         ClusterArgs {
             cluster_listen: Some("127.0.0.1:7946".parse().expect("address")),
+            cluster_advertise: None,
+            cluster_admin_advertise: None,
             cluster_peers: Vec::new(),
             cluster_secret_file: Some(secret_file),
             cluster_node_id: Some(3),
@@ -224,6 +280,29 @@ mod tests {
             .expect("cluster mode on");
         assert_eq!(config.node_id, 3);
         assert_eq!(config.consistency, Consistency::Strict);
+        assert_eq!(config.advertise, config.listen);
+        assert_eq!(config.admin_advertise, None);
+    }
+
+    #[test]
+    fn advertised_addresses_replace_the_bound_ones() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut args = args(dir.path());
+        args.cluster_listen = Some("0.0.0.0:7946".parse().expect("address"));
+        args.cluster_advertise = Some("10.0.0.5:17946".parse().expect("address"));
+        args.cluster_admin_advertise = Some("10.0.0.5:19090".parse().expect("address"));
+        let config = ClusterConfig::from_args(args)
+            .expect("valid")
+            .expect("cluster mode on");
+        assert_eq!(config.listen.to_string(), "0.0.0.0:7946");
+        assert_eq!(config.advertise.to_string(), "10.0.0.5:17946");
+        assert_eq!(
+            config
+                .admin_advertise
+                .map(|addr| addr.to_string())
+                .as_deref(),
+            Some("10.0.0.5:19090")
+        );
     }
 
     /// A flag and a change of the valid arguments that makes it invalid.
@@ -245,6 +324,24 @@ mod tests {
             (
                 "cluster-forward-timeout",
                 Box::new(|a| a.cluster_forward_timeout = Duration::ZERO),
+            ),
+            (
+                "cluster-listen",
+                Box::new(|a| a.cluster_listen = Some("0.0.0.0:7946".parse().expect("address"))),
+            ),
+            (
+                "cluster-advertise",
+                Box::new(|a| a.cluster_advertise = Some("[::]:7946".parse().expect("address"))),
+            ),
+            (
+                "cluster-advertise",
+                Box::new(|a| a.cluster_advertise = Some("10.0.0.5:0".parse().expect("address"))),
+            ),
+            (
+                "cluster-admin-advertise",
+                Box::new(|a| {
+                    a.cluster_admin_advertise = Some("0.0.0.0:9091".parse().expect("address"))
+                }),
             ),
             (
                 "cluster-gossip-interval",
