@@ -14,6 +14,7 @@ use crate::cluster::forward::{self, ConsumeAnswer, ConsumeRequest};
 use crate::cluster::records::Published;
 use crate::cluster::unix_ms;
 use crate::http::ApiError;
+use crate::store::RedeemError;
 use crate::ticket::log_id;
 
 /// Largest body of a forwarded consumption, in bytes: a hex key and an Origin.
@@ -71,17 +72,39 @@ async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Respon
     let Some(key) = forward::parse_key(&request.key) else {
         return ApiError::InvalidRequest("The key is not 64 hex characters.").to_response(None);
     };
-    let result = state.store.consume(&key, request.origin.as_deref()).await;
-    if result.is_ok() {
-        cluster.publish(&key, Published::Used).await;
-    }
-    let label = if result.is_ok() {
-        "consumed"
-    } else {
-        "rejected"
+    // The consumption runs in its own task, so that it completes, is
+    // published and is counted even when the forwarding node gives up and
+    // closes the connection meanwhile, which makes hyper drop this future.
+    // Without the task, a ticket could end up used on disk but never
+    // published as used.
+    let consumption = tokio::spawn({
+        let state = state.clone();
+        async move {
+            let cluster = state
+                .cluster
+                .get()
+                .expect("the route filter only passes in cluster mode");
+            let result = state.store.consume(&key, request.origin.as_deref()).await;
+            if result.is_ok() {
+                cluster.publish(&key, Published::Used).await;
+            }
+            let label = if result.is_ok() {
+                "consumed"
+            } else {
+                "rejected"
+            };
+            cluster.metrics.served.with_label_values(&[label]).inc();
+            tracing::debug!(ticket_id = %log_id(&key), result = label, "ran a forwarded consumption");
+            result
+        }
+    });
+    let result = match consumption.await {
+        Ok(result) => result,
+        Err(err) => {
+            tracing::error!(event = "cluster_consume_failed", error = %err, "a forwarded consumption task failed");
+            Err(RedeemError::Store)
+        }
     };
-    cluster.metrics.served.with_label_values(&[label]).inc();
-    tracing::debug!(ticket_id = %log_id(&key), result = label, "ran a forwarded consumption");
 
     let answer = ConsumeAnswer::from_result(result);
     let body = serde_json::to_vec(&answer).expect("an answer always serialises");
