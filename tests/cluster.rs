@@ -18,8 +18,10 @@
 //! and prints `runs, tickets, double_accepts, lost_to_home_down`.
 //!
 //! This machine's kernel has no `netem` queueing discipline, so added latency
-//! comes from delaying UDP relays in front of the gossip sockets (see
-//! `latency_never_double_accepts` for which traffic they carry).
+//! comes from delaying relays: a UDP relay in front of each gossip socket and
+//! a TCP relay in front of each admin listener, whose addresses the nodes
+//! advertise (`--cluster-advertise`, `--cluster-admin-advertise`), so all
+//! cluster traffic crosses them.
 
 mod common;
 mod latency_relay;
@@ -32,7 +34,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use latency_relay::{Latency, UdpRelay};
+use latency_relay::{Latency, TcpRelay, UdpRelay};
 
 use common::{connect_with_ticket, ticket_for, JwksServer, Server, ServerOptions, Signer};
 use serde_json::Value;
@@ -68,6 +70,12 @@ impl Rng {
     }
 }
 
+/// Returns a TCP port that is free on `ip` right now.
+fn free_tcp_port(ip: IpAddr) -> u16 {
+    let listener = std::net::TcpListener::bind((ip, 0)).expect("bind a TCP probe");
+    listener.local_addr().expect("address").port()
+}
+
 /// Returns a UDP port that is free on `ip` right now.
 fn free_udp_port(ip: IpAddr) -> u16 {
     let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind a UDP probe");
@@ -88,6 +96,15 @@ struct NodeSpec {
     /// The address the other nodes get as `--cluster-peer` for this node:
     /// `gossip`, or a relay in front of it.
     seed: SocketAddr,
+    /// A fixed admin address, so a relay can stay in front of it across
+    /// restarts; `None` binds a free port at each start.
+    admin_listen: Option<SocketAddr>,
+    /// `--cluster-advertise`, when the node's gossip is reached through a
+    /// relay.
+    advertise: Option<SocketAddr>,
+    /// `--cluster-admin-advertise`, when the node's admin listener is
+    /// reached through a relay.
+    admin_advertise: Option<SocketAddr>,
 }
 
 /// A cluster of `wsticket` processes, with the files they share.
@@ -139,6 +156,9 @@ impl TestCluster {
                             data_dir,
                             netns: None,
                             seed: gossip,
+                            admin_listen: None,
+                            advertise: None,
+                            admin_advertise: None,
                         }
                     }
                     Some(prefix) => {
@@ -152,6 +172,9 @@ impl TestCluster {
                             data_dir,
                             netns: Some(Namespaces::node_name(prefix, index)),
                             seed: gossip,
+                            admin_listen: None,
+                            advertise: None,
+                            admin_advertise: None,
                         }
                     }
                 }
@@ -177,7 +200,9 @@ impl TestCluster {
     fn options(&self, index: usize, secret_file: &std::path::Path) -> ServerOptions {
         let spec = &self.specs[index];
         let listen = format!("{}:0", spec.public_ip);
-        let admin_listen = format!("{}:0", spec.ip);
+        let admin_listen = spec
+            .admin_listen
+            .map_or_else(|| format!("{}:0", spec.ip), |addr| addr.to_string());
         let mut options = ServerOptions::new(self.jwks.url(), &spec.data_dir).args(&[
             "--listen",
             &listen,
@@ -196,6 +221,12 @@ impl TestCluster {
             "--rate-limit",
             "100000",
         ]);
+        if let Some(advertise) = spec.advertise {
+            options = options.args(&["--cluster-advertise", &advertise.to_string()]);
+        }
+        if let Some(admin) = spec.admin_advertise {
+            options = options.args(&["--cluster-admin-advertise", &admin.to_string()]);
+        }
         for peer in self.specs.iter().filter(|peer| peer.index != spec.index) {
             options = options.args(&["--cluster-peer", &peer.seed.to_string()]);
         }
@@ -227,12 +258,17 @@ impl TestCluster {
     }
 
     /// Waits until every running node sees every running node as live, at
-    /// its current admin address.
+    /// its current admin address, or at the address it advertises instead.
     async fn wait_converged(&self) {
         let expected: BTreeMap<String, String> = self
             .live_indexes()
             .into_iter()
-            .map(|index| (index.to_string(), self.node(index).admin.to_string()))
+            .map(|index| {
+                let admin = self.specs[index]
+                    .admin_advertise
+                    .unwrap_or(self.node(index).admin);
+                (index.to_string(), admin.to_string())
+            })
             .collect();
         let deadline = Instant::now() + CONVERGE_LIMIT;
         for index in self.live_indexes() {
@@ -505,32 +541,60 @@ async fn five_nodes_survive_kill_9_without_double_accept() {
 /// Maximum lifetime of a latency relay. It is longer than any test here.
 const RELAY_LIFETIME: Duration = Duration::from_secs(120);
 
-/// Puts a relay that delays each datagram by 20 to 80 ms, each way, in front
-/// of every node's gossip socket, and gives the relays as `--cluster-peer`,
-/// so nodes join and rejoin through them. Then races upgrades on random
-/// nodes while a node is killed with SIGKILL and restarted, as in
-/// [`run_history`], so a restarted node rejoins through the delayed links.
-///
-/// NOTE: only the gossip sent to seed addresses crosses a relay. A node
-/// advertises its `--cluster-listen` address in gossip and publishes the
-/// address its admin listener is bound to, and wsticket has no flag to
-/// advertise another address. So gossip sent to an already known member and
-/// every forwarded consumption go straight to the node, and a forward delay
-/// past `--cluster-forward-timeout` cannot be injected this way. A flag for
-/// the advertised gossip and admin addresses would let relays carry both.
+/// The relays in front of one node.
+struct NodeRelays {
+    gossip: UdpRelay,
+    admin: TcpRelay,
+}
+
+/// Puts a UDP relay in front of every node's gossip socket and a TCP relay
+/// in front of its admin listener, on 127.0.0.41 and up, each delaying by
+/// `latency` each way. The nodes advertise the relays' addresses and join
+/// through them. Call before the nodes start.
+async fn put_behind_relays(
+    cluster: &mut TestCluster,
+    rng: &mut Rng,
+    latency: Latency,
+) -> Vec<NodeRelays> {
+    let mut relays = Vec::new();
+    for spec in &mut cluster.specs {
+        let relay_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 41 + spec.index));
+        let gossip = UdpRelay::start(
+            relay_ip,
+            spec.gossip,
+            latency.clone(),
+            rng.below(usize::MAX) as u64,
+            RELAY_LIFETIME,
+        )
+        .await;
+        let admin_listen = SocketAddr::new(spec.ip, free_tcp_port(spec.ip));
+        let admin = TcpRelay::start(
+            SocketAddr::new(relay_ip, 0),
+            admin_listen,
+            latency.clone(),
+            rng.below(usize::MAX) as u64,
+            RELAY_LIFETIME,
+        )
+        .await;
+        spec.seed = gossip.listen;
+        spec.advertise = Some(gossip.listen);
+        spec.admin_listen = Some(admin_listen);
+        spec.admin_advertise = Some(admin.listen);
+        relays.push(NodeRelays { gossip, admin });
+    }
+    relays
+}
+
+/// Puts relays that delay every gossip datagram and every chunk of a
+/// forwarded consumption by 20 to 80 ms, each way, in front of every node,
+/// so all cluster traffic crosses them. Then races upgrades on random nodes
+/// while a node is killed with SIGKILL and restarted, as in [`run_history`],
+/// so a restarted node rejoins through the delayed links.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn latency_never_double_accepts() {
     let mut rng = Rng::from_env();
     let mut cluster = TestCluster::prepare(3, None).await;
-    let mut relays = Vec::new();
-    for spec in &mut cluster.specs {
-        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 41 + spec.index));
-        let latency = Latency { millis: 20..80 };
-        let seed = rng.below(usize::MAX) as u64;
-        let relay = UdpRelay::start(ip, spec.gossip, latency, seed, RELAY_LIFETIME).await;
-        spec.seed = relay.listen;
-        relays.push(relay);
-    }
+    let relays = put_behind_relays(&mut cluster, &mut rng, Latency { millis: 20..80 }).await;
     cluster.start_all().await;
 
     let rounds = std::env::var("WSTICKET_CLUSTER_ROUNDS")
@@ -547,10 +611,15 @@ async fn latency_never_double_accepts() {
     assert_eq!(verdict.accepted_after_ack, 0, "{verdict:?}");
     assert!(verdict.unexpected.is_empty(), "{verdict:?}");
 
-    for (index, relay) in relays.iter().enumerate() {
-        let to_node = relay.counts.to_target.load(Ordering::Relaxed);
-        let to_peers = relay.counts.to_sender.load(Ordering::Relaxed);
-        println!("relay in front of node {index}: {to_node} datagrams in, {to_peers} out");
+    for (index, relays) in relays.iter().enumerate() {
+        let to_node = relays.gossip.counts.to_target.load(Ordering::Relaxed);
+        let to_peers = relays.gossip.counts.to_sender.load(Ordering::Relaxed);
+        let forwards = relays.admin.counts.connections.load(Ordering::Relaxed);
+        let answered = relays.admin.counts.bytes_to_client.load(Ordering::Relaxed);
+        println!(
+            "relays in front of node {index}: {to_node} datagrams in, {to_peers} out; \
+             {forwards} admin connections, {answered} bytes answered"
+        );
         assert!(
             to_node > 0,
             "no gossip reached node {index} through its relay"
@@ -559,7 +628,131 @@ async fn latency_never_double_accepts() {
             to_peers > 0,
             "no reply from node {index} went back through its relay"
         );
+        assert!(
+            answered > 0,
+            "no forwarded consumption reached node {index} through its relay"
+        );
     }
+    // Each node has the others only under their relays' gossip addresses, so
+    // steady gossip crosses the relays too, not only the first contact.
+    let relay_addresses: Vec<String> = relays
+        .iter()
+        .map(|relays| relays.gossip.listen.to_string())
+        .collect();
+    for index in cluster.live_indexes() {
+        for member in cluster.node(index).events("cluster_member_up") {
+            let member = member["member"].as_str().expect("member field");
+            assert!(
+                relay_addresses
+                    .iter()
+                    .any(|relay| member.ends_with(&format!("@{relay}"))),
+                "node {index} knows member {member} at an address that is not a relay's"
+            );
+        }
+    }
+}
+
+/// Extra delay of a request or response in the admin relay: longer than the
+/// 1 s `--cluster-forward-timeout` of the test nodes.
+const PAST_FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Upgrades with `ticket` on node 1 while the relay in front of node 0, the
+/// ticket's home, delays requests by `to_home` and responses by `to_node`.
+/// Expects `503 ticket_home_unavailable` before the delayed message could have
+/// arrived, then waits until it has, lifts the delays, and returns how many
+/// forwarded consumptions node 0 ran to success meanwhile.
+async fn upgrade_past_forward_timeout(
+    cluster: &TestCluster,
+    relays: &[NodeRelays],
+    ticket: &str,
+    to_home: Duration,
+    to_node: Duration,
+) -> f64 {
+    let consumed = "wsticket_cluster_served_consumes_total{result=\"consumed\"}";
+    let before = cluster.node(0).metric(consumed).await;
+    relays[0].admin.set_extra_delay(to_home, to_node);
+    let started = Instant::now();
+    let first = connect_with_ticket(cluster.node(1), ticket).await;
+    let waited = started.elapsed();
+    let rejection = first.expect_err("a forward past the timeout must not be accepted");
+    assert_eq!(rejection.status, 503, "{rejection:?}");
+    assert_eq!(rejection.code, "ticket_home_unavailable", "{rejection:?}");
+    assert!(
+        waited < PAST_FORWARD_TIMEOUT,
+        "node 1 waited {waited:?}, as long as the relay held the message"
+    );
+    tokio::time::sleep(PAST_FORWARD_TIMEOUT + Duration::from_secs(1)).await;
+    relays[0]
+        .admin
+        .set_extra_delay(Duration::ZERO, Duration::ZERO);
+    cluster.node(0).metric(consumed).await - before
+}
+
+/// Upgrades with `ticket` on every node, node 2 first, and returns the
+/// results.
+async fn upgrade_everywhere(cluster: &TestCluster, ticket: &str) -> Vec<String> {
+    let mut results = Vec::new();
+    for node in [2, 1, 0] {
+        results.push(upgrade(cluster.node(node), ticket).await);
+    }
+    results
+}
+
+/// A forwarded consumption that takes longer than `--cluster-forward-timeout`
+/// is rejected with `ticket_home_unavailable`, and never opens a second
+/// connection with the same ticket. When the home node's response is late,
+/// the home has consumed the ticket. The ticket is lost, and every later
+/// upgrade is rejected. When the request is late, the home node may or may not run it;
+/// either way the ticket opens at most once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_forward_is_rejected_and_never_doubled() {
+    let mut rng = Rng::from_env();
+    let mut cluster = TestCluster::prepare(3, None).await;
+    let relays = put_behind_relays(&mut cluster, &mut rng, Latency { millis: 0..2 }).await;
+    cluster.start_all().await;
+    let token = Signer::token("slow-forward-user");
+
+    let late_answer = ticket_for(cluster.node(0), &token).await;
+    let consumed = upgrade_past_forward_timeout(
+        &cluster,
+        &relays,
+        &late_answer,
+        Duration::ZERO,
+        PAST_FORWARD_TIMEOUT,
+    )
+    .await;
+    assert_eq!(
+        consumed, 1.0,
+        "the home node consumed the ticket before answering"
+    );
+    let results = upgrade_everywhere(&cluster, &late_answer).await;
+    assert!(
+        results.iter().all(|result| result == "ticket_already_used"),
+        "a ticket consumed by a timed-out forward is lost, never doubled: {results:?}"
+    );
+
+    let late_request = ticket_for(cluster.node(0), &token).await;
+    let consumed = upgrade_past_forward_timeout(
+        &cluster,
+        &relays,
+        &late_request,
+        PAST_FORWARD_TIMEOUT,
+        Duration::ZERO,
+    )
+    .await;
+    let results = upgrade_everywhere(&cluster, &late_request).await;
+    println!("late request consumed on the home node: {consumed}; later upgrades: {results:?}");
+    let accepted = results.iter().filter(|result| *result == "ok").count();
+    let expected = if consumed >= 1.0 { 0 } else { 1 };
+    assert_eq!(
+        accepted, expected,
+        "consumed by the late request: {consumed}; {results:?}"
+    );
+
+    // With the delays lifted, forwarding works again.
+    let fresh = ticket_for(cluster.node(0), &token).await;
+    let result = upgrade(cluster.node(1), &fresh).await;
+    assert_eq!(result, "ok", "a fresh ticket after the delays were lifted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -628,6 +821,9 @@ async fn node_without_secret_cannot_join() {
         gossip,
         data_dir: dir.path().join("intruder"),
         seed: gossip,
+        admin_listen: None,
+        advertise: None,
+        admin_advertise: None,
     });
     let intruder = Server::start(cluster.options(2, &wrong_secret)).await;
 

@@ -1,16 +1,9 @@
-//! A UDP relay on loopback that delays every datagram, in both directions,
-//! by a base delay plus random jitter. It replaces `netem`, which this
-//! machine's kernel lacks. A node sends to the relay's address, and the relay
-//! sends on from a socket of its own per sender. The target's replies to
-//! that socket travel back the same way.
-//!
-//! Datagrams are delayed independently, so jitter can reorder them, as it
-//! can on a real link. A relay stops when it is dropped or when its lifetime
-//! ends, whichever comes first.
+//! The UDP relay: one front socket that senders send to, and a socket of its
+//! own per sender towards the target, so the target's replies to that socket
+//! travel back the same way.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,28 +11,14 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::Latency;
+
 /// Maximum number of senders per relay. Datagrams from further senders are
 /// dropped.
 const MAX_SENDERS: usize = 64;
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_507;
-
-/// Per-datagram delay, drawn uniformly from `millis`.
-#[derive(Debug, Clone)]
-pub struct Latency {
-    pub millis: Range<u64>,
-}
-
-impl Latency {
-    fn sample(&self, rng: &mut u64) -> Duration {
-        *rng ^= *rng << 13;
-        *rng ^= *rng >> 7;
-        *rng ^= *rng << 17;
-        let span = self.millis.end.saturating_sub(self.millis.start).max(1);
-        Duration::from_millis(self.millis.start + *rng % span)
-    }
-}
 
 /// Datagrams a relay has passed on, per direction.
 #[derive(Debug, Default)]
