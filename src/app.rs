@@ -104,6 +104,7 @@ impl AppState {
             keys_loaded: self.verifier.keys().has_keys(),
             store_recovered: self.readiness.store_recovered.load(Ordering::Acquire),
             listener_bound: self.readiness.listener_bound.load(Ordering::Acquire),
+            cluster_node_id_current: self.cluster.get().map(|cluster| !cluster.is_superseded()),
         }
     }
 
@@ -125,10 +126,18 @@ pub struct ReadyReport {
     pub keys_loaded: bool,
     pub store_recovered: bool,
     pub listener_bound: bool,
+    /// In cluster mode, false while a newer node runs with the same
+    /// `--cluster-node-id`: the other nodes then send this index's tickets
+    /// to that node, so this one must leave the load balancer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_node_id_current: Option<bool>,
 }
 
 impl ReadyReport {
     pub fn ready(&self) -> bool {
-        self.keys_loaded && self.store_recovered && self.listener_bound
+        self.keys_loaded
+            && self.store_recovered
+            && self.listener_bound
+            && self.cluster_node_id_current != Some(false)
     }
 }

@@ -158,6 +158,7 @@ pub async fn serve(
             );
             let _ = state.cluster.set(cluster.clone());
             tokio::spawn(cluster.clone().run_membership_log());
+            tokio::spawn(cluster.clone().run_conflict_check());
             Some(cluster)
         }
         _ => None,

@@ -846,6 +846,68 @@ async fn node_without_secret_cannot_join() {
     assert_ne!(upgrade(cluster.node(0), &foreign).await, "ok");
 }
 
+/// Returns the status and the body of a node's `/readyz`.
+async fn readyz(server: &Server) -> (u16, Value) {
+    let response = reqwest::get(server.admin_url("/readyz"))
+        .await
+        .expect("readyz");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("readyz JSON"))
+}
+
+/// A second node started with a taken `--cluster-node-id` is reported by
+/// both, and the older one turns unready, because the other nodes send the
+/// index's tickets to the newer one. Once the newer one stops, the older one
+/// is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_node_id_makes_older_node_unready() {
+    let mut cluster = TestCluster::start(2).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 13));
+    let gossip = SocketAddr::new(ip, free_udp_port(ip));
+    cluster.specs.push(NodeSpec {
+        index: 1,
+        public_ip: ip,
+        netns: None,
+        ip,
+        gossip,
+        data_dir: dir.path().join("duplicate"),
+        seed: gossip,
+        admin_listen: None,
+        advertise: None,
+        admin_advertise: None,
+    });
+    let secret_file = cluster.secret_file.clone();
+    let duplicate = Server::start(cluster.options(2, &secret_file)).await;
+
+    let older = cluster.node(1).wait_event("cluster_node_id_conflict").await;
+    assert_eq!(older["level"], "ERROR", "{older}");
+    assert_eq!(older["superseded"], true, "{older}");
+    let newer = duplicate.wait_event("cluster_node_id_conflict").await;
+    assert_eq!(newer["superseded"], false, "{newer}");
+
+    let (status, body) = readyz(cluster.node(1)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["checks"]["cluster_node_id_current"], false, "{body}");
+    let (status, body) = readyz(&duplicate).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["checks"]["cluster_node_id_current"], true, "{body}");
+    let conflicts = cluster
+        .node(1)
+        .metric("wsticket_cluster_node_id_conflicts")
+        .await;
+    assert_eq!(conflicts, 1.0);
+
+    duplicate.kill().await;
+    let cleared = cluster
+        .node(1)
+        .wait_event("cluster_node_id_conflict_cleared")
+        .await;
+    assert_eq!(cleared["node_id"], 1, "{cleared}");
+    let (status, body) = readyz(cluster.node(1)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// Returns `tickets_published_by_others` from a node's `/readyz`.
 async fn published_by_others(client: &reqwest::Client, server: &Server) -> u64 {
     let body: Value = client

@@ -20,6 +20,8 @@ pub struct ClusterMetrics {
     pub forward_unauthenticated: IntCounter,
     /// Redemptions rejected from the home node's published ticket state.
     pub answered_from_gossip: IntCounter,
+    /// Other live nodes that run with this node's index.
+    pub node_id_conflicts: IntGauge,
 }
 
 impl ClusterMetrics {
@@ -74,7 +76,13 @@ impl ClusterMetrics {
                 "Redemptions of used or expired tickets rejected from gossip, without asking the home node.",
             )
             .expect("valid metric"),
+            node_id_conflicts: IntGauge::new(
+                "wsticket_cluster_node_id_conflicts",
+                "Other live cluster nodes that run with this node's --cluster-node-id.",
+            )
+            .expect("valid metric"),
         };
+        metrics.register(Box::new(cluster.node_id_conflicts.clone()));
         metrics.register(Box::new(cluster.answered_from_gossip.clone()));
         metrics.register(Box::new(cluster.live_nodes.clone()));
         metrics.register(Box::new(cluster.forwarded.clone()));

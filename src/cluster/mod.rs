@@ -14,6 +14,7 @@
 //!
 //! None of this runs without `--cluster-listen`.
 
+pub mod conflict;
 pub mod forward;
 pub mod home;
 pub mod metrics;
@@ -23,6 +24,7 @@ pub mod transport;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +34,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use crate::metrics::Metrics;
 use crate::store::{RedeemError, TicketRecord, TicketStore};
 use crate::ticket::{log_id, TicketKey};
+use conflict::ConflictTracker;
 use forward::{ConsumeAnswer, ConsumeRequest};
 pub use metrics::ClusterMetrics;
 use records::Published;
@@ -44,6 +47,9 @@ const ADMIN_ADDR_KEY: &str = "admin_addr";
 /// `Retry-After` of `ticket_home_unavailable`. The client is expected to
 /// request a new ticket, which a live node issues with itself as home.
 const RETRY_AFTER_HOME_UNAVAILABLE: Duration = Duration::from_secs(1);
+/// Shortest interval between two checks for another node with this node's
+/// index. Each check must see at least one gossip round.
+const MIN_CONFLICT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A failure to start cluster mode.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +66,10 @@ pub struct Cluster {
     gossip: ChitchatHandle,
     client: reqwest::Client,
     rng: SystemRandom,
+    /// This run's chitchat generation: its start time in Unix milliseconds.
+    generation: u64,
+    /// Set while a newer live node runs with this node's index.
+    superseded: AtomicBool,
 }
 
 impl Cluster {
@@ -117,6 +127,8 @@ impl Cluster {
             gossip,
             client,
             rng: SystemRandom::new(),
+            generation,
+            superseded: AtomicBool::new(false),
         })
     }
 
@@ -139,10 +151,9 @@ impl Cluster {
                 .and_then(|state| state.get(ADMIN_ADDR_KEY))
                 .and_then(|addr| addr.parse().ok());
             if let Some(admin) = admin {
-                // NOTE: when two nodes run with the same --cluster-node-id,
-                // the one started last is used here, and the tickets of the
-                // other are rejected as unknown on every node but itself. A start-up
-                // check that rejects a taken index would close this.
+                // When two nodes run with the same --cluster-node-id, the one
+                // started last is used here. The other one reports the
+                // conflict and turns unready (see `run_conflict_check`).
                 members.insert(index, admin);
             }
         }
@@ -172,6 +183,62 @@ impl Cluster {
             if watcher.changed().await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// Tells whether a newer live node runs with this node's index, so that
+    /// the other nodes send this index's tickets there, not here.
+    pub fn is_superseded(&self) -> bool {
+        self.superseded.load(Ordering::Acquire)
+    }
+
+    /// Checks at intervals for other live nodes with this node's index, and
+    /// logs each one found and each one gone, until the task is aborted.
+    pub async fn run_conflict_check(self: Arc<Self>) {
+        let own_index = self.config.node_id;
+        let mut tracker = ConflictTracker::new(self.generation);
+        let mut reported: Vec<ChitchatId> = Vec::new();
+        let period = (self.config.gossip_interval * 5).max(MIN_CONFLICT_CHECK_INTERVAL);
+        let mut ticker = tokio::time::interval(period);
+        loop {
+            ticker.tick().await;
+            let live: Vec<(ChitchatId, u64)> = {
+                let chitchat = self.gossip.chitchat();
+                let chitchat = chitchat.lock().await;
+                let own = chitchat.self_chitchat_id().clone();
+                chitchat
+                    .live_nodes()
+                    .filter(|id| **id != own && node_index(&id.node_id) == Some(own_index))
+                    .filter_map(|id| {
+                        let state = chitchat.node_state(id)?;
+                        Some((id.clone(), u64::from(state.heartbeat())))
+                    })
+                    .collect()
+            };
+            let conflicts = tracker.observe(&live);
+            for other in conflicts.others.iter().filter(|id| !reported.contains(id)) {
+                tracing::error!(
+                    event = "cluster_node_id_conflict",
+                    node_id = own_index,
+                    other = %format!("{}@{}", other.node_id, other.gossip_advertise_addr),
+                    superseded = other.generation_id > self.generation,
+                    "another live node runs with this node's --cluster-node-id; give every node its own index"
+                );
+            }
+            for other in reported.iter().filter(|id| !conflicts.others.contains(id)) {
+                tracing::info!(
+                    event = "cluster_node_id_conflict_cleared",
+                    node_id = own_index,
+                    other = %format!("{}@{}", other.node_id, other.gossip_advertise_addr),
+                    "the other node with this node's --cluster-node-id is no longer live"
+                );
+            }
+            self.metrics
+                .node_id_conflicts
+                .set(i64::try_from(conflicts.others.len()).unwrap_or(i64::MAX));
+            self.superseded
+                .store(conflicts.superseded, Ordering::Release);
+            reported = conflicts.others;
         }
     }
 
