@@ -27,6 +27,7 @@ unit_binary=/usr/local/bin/wsticket
 
 # The wsticket_* series that the server is specified to export. Histograms are
 # listed by their _bucket series, the only one the alerts and the dashboard use.
+# The wsticket_cluster_* series exist in cluster mode only.
 export EXPORTED_METRICS="
 wsticket_tickets_issued_total
 wsticket_ticket_requests_rejected_total
@@ -44,6 +45,8 @@ wsticket_jwks_keys_loaded
 wsticket_ticket_issuance_duration_seconds_bucket
 wsticket_redemption_duration_seconds_bucket
 wsticket_upstream_connect_duration_seconds_bucket
+wsticket_cluster_node_id_conflicts
+wsticket_cluster_home_unavailable_total
 "
 
 # Highest accepted `systemd-analyze security` exposure level (0.0 is the most

@@ -255,9 +255,27 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
+/// The server runs in cluster mode, alone, because some alerts use cluster
+/// series, which only a node in cluster mode exports.
 #[tokio::test]
 async fn dashboard_and_alerts_use_exported_metrics() {
-    let (_jwks, server, _dir) = start_with(&[]).await;
+    let secret_dir = tempfile::tempdir().expect("temp dir");
+    let secret_file = secret_dir.path().join("cluster-secret");
+    std::fs::write(&secret_file, "a test cluster secret of 32 bytes or more\n")
+        .expect("write secret");
+    let gossip = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .expect("free UDP port")
+        .to_string();
+    let (_jwks, server, _dir) = start_with(&[
+        "--cluster-listen",
+        &gossip,
+        "--cluster-node-id",
+        "0",
+        "--cluster-secret-file",
+        secret_file.to_str().expect("UTF-8 path"),
+    ])
+    .await;
     let exported = metric_names(&scrape(&server).await);
     let dashboard: Value = serde_json::from_slice(
         &std::fs::read(concat!(
