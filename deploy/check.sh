@@ -47,6 +47,9 @@ wsticket_redemption_duration_seconds_bucket
 wsticket_upstream_connect_duration_seconds_bucket
 wsticket_cluster_node_id_conflicts
 wsticket_cluster_home_unavailable_total
+wsticket_cluster_live_nodes
+wsticket_cluster_forwarded_consumes_total
+wsticket_cluster_forward_duration_seconds_bucket
 "
 
 # Highest accepted `systemd-analyze security` exposure level (0.0 is the most
