@@ -85,24 +85,8 @@ impl Cluster {
         metrics: &Metrics,
     ) -> Result<Self, ClusterStartError> {
         let metrics = ClusterMetrics::new(metrics);
-        // A new generation on every start lets peers tell a restarted node
-        // from the one they knew.
-        let generation = unix_ms();
-        let chitchat_config = ChitchatConfig {
-            chitchat_id: ChitchatId::new(node_name(config.node_id), generation, config.advertise),
-            cluster_id: CLUSTER_ID.to_owned(),
-            gossip_interval: config.gossip_interval,
-            listen_addr: config.listen,
-            seed_nodes: config.peers.iter().map(ToString::to_string).collect(),
-            failure_detector_config: FailureDetectorConfig {
-                initial_interval: config.gossip_interval,
-                ..FailureDetectorConfig::default()
-            },
-            marked_for_deletion_grace_period: record_lifetime,
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-            protocol_version: chitchat::ProtocolVersion::V0,
-        };
+        let chitchat_config = chitchat_config(&config, record_lifetime);
+        let generation = chitchat_config.chitchat_id.generation_id;
         let transport =
             transport::SealedTransport::new(config.keys.gossip, metrics.gossip_rejected.clone());
         let initial = vec![(ADMIN_ADDR_KEY.to_owned(), admin_addr.to_string())];
@@ -425,6 +409,33 @@ impl Cluster {
         if let Err(err) = self.gossip.initiate_shutdown() {
             tracing::debug!(error = %err, "cluster gossip had already stopped");
         }
+    }
+}
+
+/// Builds the chitchat settings of a node from `config`, with a new
+/// generation. `record_lifetime` is the grace period of entries published
+/// with a TTL, as for [`Cluster::start`].
+///
+/// Public so that `examples/gossip_capacity.rs` measures gossip with the
+/// settings that `wsticket serve` uses.
+pub fn chitchat_config(config: &ClusterConfig, record_lifetime: Duration) -> ChitchatConfig {
+    // A new generation on every start lets peers tell a restarted node
+    // from the one they knew.
+    let generation = unix_ms();
+    ChitchatConfig {
+        chitchat_id: ChitchatId::new(node_name(config.node_id), generation, config.advertise),
+        cluster_id: CLUSTER_ID.to_owned(),
+        gossip_interval: config.gossip_interval,
+        listen_addr: config.listen,
+        seed_nodes: config.peers.iter().map(ToString::to_string).collect(),
+        failure_detector_config: FailureDetectorConfig {
+            initial_interval: config.gossip_interval,
+            ..FailureDetectorConfig::default()
+        },
+        marked_for_deletion_grace_period: record_lifetime,
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: chitchat::ProtocolVersion::V0,
     }
 }
 

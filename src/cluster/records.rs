@@ -6,7 +6,9 @@
 //! rejection: acceptance still needs the home node's yes, so a stale or
 //! missing entry can cost a round trip but never a second acceptance. A
 //! "used" entry is published only after the home node's consumption is on
-//! disk. Subjects, sessions, Origins and claims stay on the home node.
+//! disk. Subjects, sessions, Origins and claims stay on the home node,
+//! because no other node accepts a ticket without the home node's yes, and
+//! larger entries lower the rate of states that gossip carries.
 
 use crate::ticket::TicketKey;
 
