@@ -53,6 +53,7 @@ async fn second_process_on_data_dir_exits() {
         stderr.contains("in use by another wsticket process"),
         "stderr: {stderr}"
     );
+    assert!(stderr.contains("--data-dir"), "names the flag: {stderr}");
     assert!(
         stderr.contains(&dir.path().display().to_string()),
         "names the path: {stderr}"

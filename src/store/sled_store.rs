@@ -56,9 +56,9 @@ const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// A failure to open the data directory.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("data directory {path} is in use by another wsticket process (its lock is held)")]
+    #[error("--data-dir {path} is in use by another wsticket process (its lock is held)")]
     Locked { path: PathBuf },
-    #[error("cannot open data directory {path}: {source}")]
+    #[error("cannot open --data-dir {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
     #[error("cannot recover tickets from data directory {path}: {source}")]
     Recover { path: PathBuf, source: StoreError },
