@@ -277,7 +277,7 @@ async fn start_nodes(
             listen,
             advertise: listen,
             admin_advertise: None,
-            peers: vec![seed],
+            peers: vec![seed.to_string()],
             node_id: u8::try_from(index).expect("--nodes is below 62"),
             keys: keys.clone(),
             consistency: Consistency::Strict,

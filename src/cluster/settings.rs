@@ -45,17 +45,21 @@ pub struct ClusterArgs {
     )]
     pub cluster_admin_advertise: Option<SocketAddr>,
 
-    /// Gossip address of another node to join through; repeat for several.
+    /// Gossip address of another node to join through, as IP:PORT or
+    /// HOST:PORT (host names are resolved again every minute); repeat for
+    /// several.
     #[arg(
         long = "cluster-peer",
         env = "WSTICKET_CLUSTER_PEER",
         value_delimiter = ',',
+        value_parser = parse_peer,
         requires = "cluster_listen"
     )]
-    pub cluster_peers: Vec<SocketAddr>,
+    pub cluster_peers: Vec<String>,
 
-    /// File holding the secret shared by every node (at least 32 bytes);
-    /// it authenticates and encrypts all cluster traffic.
+    /// File holding the secret shared by every node (at least 32 bytes). It
+    /// authenticates all cluster traffic and encrypts gossip; forwarded
+    /// consumptions are signed but not encrypted.
     #[arg(
         long,
         env = "WSTICKET_CLUSTER_SECRET_FILE",
@@ -128,7 +132,9 @@ pub struct ClusterConfig {
     /// The admin address published to the other nodes, when given; otherwise
     /// it is derived from the bound admin listener at start.
     pub admin_advertise: Option<SocketAddr>,
-    pub peers: Vec<SocketAddr>,
+    /// Seed addresses as `IP:PORT` or `HOST:PORT`. Chitchat resolves the
+    /// host names.
+    pub peers: Vec<String>,
     pub node_id: u8,
     pub keys: ClusterKeys,
     pub consistency: Consistency,
@@ -205,6 +211,35 @@ impl ClusterConfig {
             forward_timeout: args.cluster_forward_timeout,
             gossip_interval: args.cluster_gossip_interval,
         }))
+    }
+}
+
+/// Parses a `--cluster-peer` value: an `IP:PORT`, `[IPv6]:PORT` or
+/// `HOST:PORT` with a port other than 0. Host names are not resolved here,
+/// so a peer whose name does not resolve yet does not stop the node.
+fn parse_peer(value: &str) -> Result<String, String> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err("port 0 cannot be sent to; give the peer's gossip port".to_owned());
+        }
+        return Ok(value.to_owned());
+    }
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err("expected IP:PORT or HOST:PORT".to_owned());
+    };
+    let valid_host = !host.is_empty()
+        && host
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'.');
+    if !valid_host {
+        return Err(format!(
+            "{host:?} is not a host name; expected IP:PORT or HOST:PORT"
+        ));
+    }
+    match port.parse::<u16>() {
+        Ok(0) => Err("port 0 cannot be sent to; give the peer's gossip port".to_owned()),
+        Ok(_) => Ok(value.to_owned()),
+        Err(_) => Err(format!("{port:?} is not a port number")),
     }
 }
 
@@ -353,6 +388,34 @@ mod tests {
             change(&mut args);
             let err = ClusterConfig::from_args(args).expect_err(flag);
             assert_eq!(err.flag, flag);
+        }
+    }
+
+    #[test]
+    fn peer_accepts_addresses_and_host_names() {
+        for value in [
+            "10.0.0.2:7946",
+            "[fd00::2]:7946",
+            "wsticket-1.wsticket.default.svc.cluster.local:7946",
+            "localhost:7946",
+        ] {
+            assert_eq!(parse_peer(value).as_deref(), Ok(value));
+        }
+    }
+
+    #[test]
+    fn peer_without_usable_port_is_rejected() {
+        for value in [
+            "10.0.0.2",
+            "localhost",
+            "10.0.0.2:0",
+            "localhost:0",
+            "localhost:http",
+            ":7946",
+            "bad host:7946",
+            "localhost:70000",
+        ] {
+            assert!(parse_peer(value).is_err(), "{value:?} was accepted");
         }
     }
 
