@@ -158,7 +158,7 @@ pub async fn serve(
             );
             let _ = state.cluster.set(cluster.clone());
             tokio::spawn(cluster.clone().run_membership_log());
-            tokio::spawn(cluster.clone().run_conflict_check());
+            tokio::spawn(cluster.clone().run_checks());
             Some(cluster)
         }
         _ => None,

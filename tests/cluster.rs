@@ -838,6 +838,30 @@ async fn node_without_secret_cannot_join() {
         .metric("wsticket_cluster_gossip_rejected_datagrams_total")
         .await;
     assert!(rejected > 0.0, "no gossip datagram was rejected");
+    let warning = cluster.node(0).wait_event("cluster_gossip_rejected").await;
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    assert!(
+        warning["rejected_datagrams"].as_u64().unwrap_or(0) > 0,
+        "{warning}"
+    );
+
+    // The intruder has seeds but sees no other node; it warns after 10 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let alone = loop {
+        if let Some(event) = intruder.events("cluster_alone").pop() {
+            break event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cluster_alone warning in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(alone["level"], "WARN", "{alone}");
+    assert!(
+        cluster.node(0).events("cluster_alone").is_empty(),
+        "a node with a live peer warned that it is alone"
+    );
 
     // A ticket of the intruder's cluster decodes to some home index, which
     // is either not live or does not know the ticket.
@@ -1376,4 +1400,99 @@ async fn forged_forward_is_rejected() {
         .await;
     assert_eq!(rejected, 2.0);
     assert_eq!(upgrade(node, &ticket).await, "ok");
+}
+
+/// A copy of a forwarded consumption with a valid MAC, sent again, is
+/// rejected by its nonce, while a new request for the same ticket is run and
+/// finds the ticket used. Without the nonce check, whoever captures a request
+/// could spend a client's ticket and read its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replayed_forward_is_rejected() {
+    let cluster = TestCluster::start(1).await;
+    let node = cluster.node(0);
+    let ticket = ticket_for(node, &Signer::token("replay-user")).await;
+    let hash = ring::digest::digest(&ring::digest::SHA256, ticket.as_bytes());
+    let body = serde_json::json!({ "key": hex::encode(hash.as_ref()), "origin": null }).to_string();
+    let secret = std::fs::read_to_string(&cluster.secret_file).expect("read secret");
+    let keys = wsticket::cluster::ClusterKeys::derive(secret.trim_end().as_bytes());
+    let client = reqwest::Client::new();
+    let send = |nonce: &'static str| {
+        let time_ms = wsticket::cluster::unix_ms();
+        let mac =
+            wsticket::cluster::forward::request_mac(&keys.forward, time_ms, nonce, body.as_bytes());
+        client
+            .post(node.admin_url("/internal/cluster/consume"))
+            .header("x-wsticket-cluster-time", time_ms.to_string())
+            .header("x-wsticket-cluster-nonce", nonce)
+            .header("x-wsticket-cluster-mac", mac)
+            .body(body.clone())
+            .send()
+    };
+
+    let first = send("0123456789abcdef").await.expect("first request");
+    assert_eq!(first.status(), 200);
+    let answer: Value = first.json().await.expect("answer JSON");
+    assert_eq!(answer["outcome"], "consumed", "{answer}");
+
+    let replay = send("0123456789abcdef").await.expect("replayed request");
+    assert_eq!(replay.status(), 401);
+    let rejection: Value = replay.json().await.expect("rejection JSON");
+    assert_eq!(rejection["error"], "invalid_cluster_mac", "{rejection}");
+    let replays = node
+        .metric("wsticket_cluster_forward_unauthenticated_total")
+        .await;
+    assert_eq!(replays, 1.0);
+
+    let fresh = send("fedcba9876543210")
+        .await
+        .expect("request with a new nonce");
+    assert_eq!(fresh.status(), 200);
+    let answer: Value = fresh.json().await.expect("answer JSON");
+    assert_eq!(answer["outcome"], "already_used", "{answer}");
+}
+
+/// Random 32-character tickets sent to a settled 3-node cluster are all
+/// rejected as `invalid_ticket`, also those whose last character decodes to a
+/// node index that no node runs: such a ticket cannot have been issued, so
+/// it is no reason for `ticket_home_unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_tickets_are_invalid_not_home_unavailable() {
+    let cluster = TestCluster::start(3).await;
+    let mut rng = Rng::from_env();
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let random_ticket = |rng: &mut Rng| -> String {
+        (0..32)
+            .map(|_| char::from(ALPHABET[rng.below(ALPHABET.len())]))
+            .collect()
+    };
+    // A node answers `ticket_home_unavailable` for an index it has not seen
+    // during its first seconds, while it may still be learning the members.
+    // Five `invalid_ticket` in a row mean that time is over: a random ticket
+    // decodes to one of the 3 live indexes only 3 times in 62.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut results = Vec::new();
+        for _ in 0..5 {
+            results.push(upgrade(cluster.node(1), &random_ticket(&mut rng)).await);
+        }
+        if results.iter().all(|result| result == "invalid_ticket") {
+            break;
+        }
+        for result in &results {
+            assert!(
+                result == "invalid_ticket" || result == "ticket_home_unavailable",
+                "{results:?}"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "random tickets are still home_unavailable"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for _ in 0..20 {
+        let ticket = random_ticket(&mut rng);
+        let result = upgrade(cluster.node(1), &ticket).await;
+        assert_eq!(result, "invalid_ticket");
+    }
 }

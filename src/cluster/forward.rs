@@ -6,11 +6,11 @@
 //! derived from the cluster secret. The request's MAC covers a timestamp and
 //! a random nonce, and the answer's MAC covers that nonce, so an answer cannot
 //! be replayed onto another request. Requests whose timestamp is more than
-//! [`MAX_CLOCK_SKEW_MS`] off the home node's clock are rejected. A request
-//! replayed within that window can only consume a ticket that a node already
-//! asked to consume, and opens no connection for whoever replays it. Neither
-//! body is encrypted: the answer carries the ticket's record, so the admin
-//! listeners belong on a private network.
+//! [`MAX_CLOCK_SKEW_MS`] off the home node's clock are rejected, and the home
+//! node remembers the nonce of every request it ran for twice that long, so
+//! a copy of a request is rejected too. Neither body is encrypted: the answer
+//! carries the ticket's record, so the admin listeners belong on a private
+//! network.
 
 use ring::hmac;
 use serde::{Deserialize, Serialize};

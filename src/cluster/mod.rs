@@ -14,6 +14,7 @@
 //!
 //! None of this runs without `--cluster-listen`.
 
+mod checks;
 pub mod conflict;
 pub mod forward;
 pub mod home;
@@ -34,7 +35,6 @@ use ring::rand::{SecureRandom, SystemRandom};
 use crate::metrics::Metrics;
 use crate::store::{RedeemError, TicketRecord, TicketStore};
 use crate::ticket::{log_id, TicketKey};
-use conflict::ConflictTracker;
 use forward::{ConsumeAnswer, ConsumeRequest};
 pub use metrics::ClusterMetrics;
 use records::Published;
@@ -47,9 +47,15 @@ const ADMIN_ADDR_KEY: &str = "admin_addr";
 /// `Retry-After` of `ticket_home_unavailable`. The client is expected to
 /// request a new ticket, which a live node issues with itself as home.
 const RETRY_AFTER_HOME_UNAVAILABLE: Duration = Duration::from_secs(1);
-/// Shortest interval between two checks for another node with this node's
-/// index. Each check must see at least one gossip round.
-const MIN_CONFLICT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Time after start during which a ticket whose home index this node has
+/// never seen in gossip is answered `ticket_home_unavailable`, because the
+/// home may simply not have been heard of yet; later it is `invalid_ticket`.
+/// At least this many gossip intervals, and at least [`MIN_SETTLE`].
+const SETTLE_GOSSIP_ROUNDS: u32 = 20;
+const MIN_SETTLE: Duration = Duration::from_secs(2);
+/// Upper bound of remembered forwarded-consumption nonces. Only requests with
+/// a valid MAC add one, so only a node with the secret can fill it.
+const MAX_REMEMBERED_NONCES: u64 = 1_000_000;
 
 /// A failure to start cluster mode.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +76,11 @@ pub struct Cluster {
     generation: u64,
     /// Set while a newer live node runs with this node's index.
     superseded: AtomicBool,
+    /// When this node joined, for the settle time of unknown home indexes.
+    started: Instant,
+    /// Nonces of forwarded consumptions already run, kept for twice the
+    /// allowed clock skew so that a captured request cannot be replayed.
+    seen_nonces: moka::sync::Cache<String, ()>,
 }
 
 impl Cluster {
@@ -113,6 +124,11 @@ impl Cluster {
             rng: SystemRandom::new(),
             generation,
             superseded: AtomicBool::new(false),
+            started: Instant::now(),
+            seen_nonces: moka::sync::Cache::builder()
+                .max_capacity(MAX_REMEMBERED_NONCES)
+                .time_to_live(Duration::from_millis(2 * forward::MAX_CLOCK_SKEW_MS))
+                .build(),
         })
     }
 
@@ -137,7 +153,7 @@ impl Cluster {
             if let Some(admin) = admin {
                 // When two nodes run with the same --cluster-node-id, the one
                 // started last is used here. The other one reports the
-                // conflict and turns unready (see `run_conflict_check`).
+                // conflict and turns unready (see `run_checks`).
                 members.insert(index, admin);
             }
         }
@@ -176,54 +192,13 @@ impl Cluster {
         self.superseded.load(Ordering::Acquire)
     }
 
-    /// Checks at intervals for other live nodes with this node's index, and
-    /// logs each one found and each one gone, until the task is aborted.
-    pub async fn run_conflict_check(self: Arc<Self>) {
-        let own_index = self.config.node_id;
-        let mut tracker = ConflictTracker::new(self.generation);
-        let mut reported: Vec<ChitchatId> = Vec::new();
-        let period = (self.config.gossip_interval * 5).max(MIN_CONFLICT_CHECK_INTERVAL);
-        let mut ticker = tokio::time::interval(period);
-        loop {
-            ticker.tick().await;
-            let live: Vec<(ChitchatId, u64)> = {
-                let chitchat = self.gossip.chitchat();
-                let chitchat = chitchat.lock().await;
-                let own = chitchat.self_chitchat_id().clone();
-                chitchat
-                    .live_nodes()
-                    .filter(|id| **id != own && node_index(&id.node_id) == Some(own_index))
-                    .filter_map(|id| {
-                        let state = chitchat.node_state(id)?;
-                        Some((id.clone(), u64::from(state.heartbeat())))
-                    })
-                    .collect()
-            };
-            let conflicts = tracker.observe(&live);
-            for other in conflicts.others.iter().filter(|id| !reported.contains(id)) {
-                tracing::error!(
-                    event = "cluster_node_id_conflict",
-                    node_id = own_index,
-                    other = %format!("{}@{}", other.node_id, other.gossip_advertise_addr),
-                    superseded = other.generation_id > self.generation,
-                    "another live node runs with this node's --cluster-node-id; give every node its own index"
-                );
-            }
-            for other in reported.iter().filter(|id| !conflicts.others.contains(id)) {
-                tracing::info!(
-                    event = "cluster_node_id_conflict_cleared",
-                    node_id = own_index,
-                    other = %format!("{}@{}", other.node_id, other.gossip_advertise_addr),
-                    "the other node with this node's --cluster-node-id is no longer live"
-                );
-            }
-            self.metrics
-                .node_id_conflicts
-                .set(i64::try_from(conflicts.others.len()).unwrap_or(i64::MAX));
-            self.superseded
-                .store(conflicts.superseded, Ordering::Release);
-            reported = conflicts.others;
-        }
+    /// Records the nonce of a forwarded consumption whose MAC is valid, and
+    /// returns whether it is new. A nonce seen before means a replayed request.
+    pub fn remember_nonce(&self, nonce: &str) -> bool {
+        self.seen_nonces
+            .entry(nonce.to_owned())
+            .or_insert_with(|| ())
+            .is_fresh()
     }
 
     /// Publishes the state of a ticket this node is home to.
@@ -305,6 +280,14 @@ impl Cluster {
             _ => {}
         }
         let Some(admin) = self.members().await.get(&home).copied() else {
+            if !self.has_seen(home).await && self.started.elapsed() >= self.settle_time() {
+                // No node with this index has been in the cluster since this
+                // node joined, so no node issued the ticket: most likely a
+                // guess. As `invalid_ticket`, it also counts against
+                // --max-failed-upgrades-per-minute.
+                tracing::debug!(home, "no node with the ticket's home index was ever seen");
+                return Err(RedeemError::Unknown);
+            }
             self.metrics.home_unavailable.inc();
             self.metrics
                 .forwarded
@@ -336,6 +319,23 @@ impl Cluster {
             "consumption forwarded to the ticket's home node"
         );
         result
+    }
+
+    /// Returns whether the gossip state contains a node with index `home`,
+    /// live or not.
+    async fn has_seen(&self, home: u8) -> bool {
+        let chitchat = self.gossip.chitchat();
+        let chitchat = chitchat.lock().await;
+        chitchat
+            .node_states()
+            .keys()
+            .any(|id| node_index(&id.node_id) == Some(home))
+    }
+
+    /// Returns how long after start an unseen home index still counts as
+    /// possibly unreachable rather than unknown.
+    fn settle_time(&self) -> Duration {
+        (self.config.gossip_interval * SETTLE_GOSSIP_ROUNDS).max(MIN_SETTLE)
     }
 
     /// Sends one signed consumption to the home node at `admin`.
@@ -389,9 +389,21 @@ impl Cluster {
             }
         };
         let expected = forward::answer_mac(&self.config.keys.forward, &nonce, &bytes);
-        if !status.is_success()
-            || !answer_mac.is_some_and(|presented| forward::mac_matches(&expected, &presented))
-        {
+        if !status.is_success() {
+            // The body of an error is not signed; its message is only logged,
+            // to tell a clock skew from a wrong secret.
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|body| {
+                    body["message"]
+                        .as_str()
+                        .map(|text| text.chars().take(200).collect::<String>())
+                })
+                .unwrap_or_default();
+            tracing::warn!(event = "cluster_forward_failed", home = %admin, status = status.as_u16(), home_message = %message, "the home node rejected the forwarded consumption");
+            return Err(RedeemError::HomeUnavailable);
+        }
+        if !answer_mac.is_some_and(|presented| forward::mac_matches(&expected, &presented)) {
             tracing::warn!(event = "cluster_forward_failed", home = %admin, status = status.as_u16(), "the home node's response has no valid MAC");
             return Err(RedeemError::HomeUnavailable);
         }
@@ -427,7 +439,7 @@ pub fn chitchat_config(config: &ClusterConfig, record_lifetime: Duration) -> Chi
         cluster_id: CLUSTER_ID.to_owned(),
         gossip_interval: config.gossip_interval,
         listen_addr: config.listen,
-        seed_nodes: config.peers.iter().map(ToString::to_string).collect(),
+        seed_nodes: config.peers.clone(),
         failure_detector_config: FailureDetectorConfig {
             initial_interval: config.gossip_interval,
             ..FailureDetectorConfig::default()

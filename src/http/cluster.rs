@@ -53,14 +53,27 @@ async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Respon
         header(forward::NONCE_HEADER),
         header(forward::MAC_HEADER),
     ) else {
-        return unauthenticated(&state, "missing MAC headers");
+        return unauthenticated(&state, "missing MAC headers", SIGN_MESSAGE);
     };
     if unix_ms().abs_diff(time) > forward::MAX_CLOCK_SKEW_MS {
-        return unauthenticated(&state, "timestamp outside the allowed clock skew");
+        return unauthenticated(
+            &state,
+            "timestamp outside the allowed clock skew",
+            "The request's timestamp is more than 30 s away from this node's clock; keep the nodes' clocks in sync.",
+        );
     }
     let expected = forward::request_mac(&keys.forward, time, nonce, &body);
     if !forward::mac_matches(&expected, mac) {
-        return unauthenticated(&state, "wrong MAC");
+        return unauthenticated(&state, "wrong MAC", SIGN_MESSAGE);
+    }
+    // A request with a valid MAC is run once: a copy sent again within the
+    // clock skew window is rejected here.
+    if !cluster.remember_nonce(nonce) {
+        return unauthenticated(
+            &state,
+            "replayed nonce",
+            "This request was already received; sign each request with a new nonce.",
+        );
     }
 
     let request: ConsumeRequest = match serde_json::from_slice(&body) {
@@ -121,7 +134,10 @@ async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Respon
     response
 }
 
-fn unauthenticated(state: &AppState, reason: &'static str) -> Response {
+/// Message of a request without a valid MAC.
+const SIGN_MESSAGE: &str = "Sign the request with the cluster secret.";
+
+fn unauthenticated(state: &AppState, reason: &'static str, message: &'static str) -> Response {
     if let Some(cluster) = state.cluster.get() {
         cluster.metrics.forward_unauthenticated.inc();
     }
@@ -132,7 +148,7 @@ fn unauthenticated(state: &AppState, reason: &'static str) -> Response {
     );
     let body = serde_json::json!({
         "error": "invalid_cluster_mac",
-        "message": "Sign the request with the cluster secret.",
+        "message": message,
     });
     crate::http::json_response(StatusCode::UNAUTHORIZED, &body)
 }
