@@ -94,8 +94,8 @@ struct NodeSpec {
     /// The network namespace the node runs in, for partition tests.
     netns: Option<String>,
     /// The address the other nodes get as `--cluster-peer` for this node:
-    /// `gossip`, or a relay in front of it.
-    seed: SocketAddr,
+    /// `gossip`, a relay in front of it, or a host name and port.
+    seed: String,
     /// A fixed admin address, so a relay can stay in front of it across
     /// restarts; `None` binds a free port at each start.
     admin_listen: Option<SocketAddr>,
@@ -155,7 +155,7 @@ impl TestCluster {
                             gossip,
                             data_dir,
                             netns: None,
-                            seed: gossip,
+                            seed: gossip.to_string(),
                             admin_listen: None,
                             advertise: None,
                             admin_advertise: None,
@@ -171,7 +171,7 @@ impl TestCluster {
                             gossip,
                             data_dir,
                             netns: Some(Namespaces::node_name(prefix, index)),
-                            seed: gossip,
+                            seed: gossip.to_string(),
                             admin_listen: None,
                             advertise: None,
                             admin_advertise: None,
@@ -228,7 +228,7 @@ impl TestCluster {
             options = options.args(&["--cluster-admin-advertise", &admin.to_string()]);
         }
         for peer in self.specs.iter().filter(|peer| peer.index != spec.index) {
-            options = options.args(&["--cluster-peer", &peer.seed.to_string()]);
+            options = options.args(&["--cluster-peer", &peer.seed]);
         }
         if let Some(netns) = &spec.netns {
             options = options.shell_prelude(&format!("exec ip netns exec {netns} \"$0\" \"$@\""));
@@ -576,7 +576,7 @@ async fn put_behind_relays(
             RELAY_LIFETIME,
         )
         .await;
-        spec.seed = gossip.listen;
+        spec.seed = gossip.listen.to_string();
         spec.advertise = Some(gossip.listen);
         spec.admin_listen = Some(admin_listen);
         spec.admin_advertise = Some(admin.listen);
@@ -820,7 +820,7 @@ async fn node_without_secret_cannot_join() {
         ip: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 13)),
         gossip,
         data_dir: dir.path().join("intruder"),
-        seed: gossip,
+        seed: gossip.to_string(),
         admin_listen: None,
         advertise: None,
         admin_advertise: None,
@@ -845,7 +845,7 @@ async fn node_without_secret_cannot_join() {
         "{warning}"
     );
 
-    // The intruder has seeds but sees no other node; it warns after 10 s.
+    // The intruder has seeds but no other live node, so it warns after 10 s.
     let deadline = Instant::now() + Duration::from_secs(20);
     let alone = loop {
         if let Some(event) = intruder.events("cluster_alone").pop() {
@@ -868,6 +868,29 @@ async fn node_without_secret_cannot_join() {
     let token = Signer::token("intruder-user");
     let foreign = ticket_for(&intruder, &token).await;
     assert_ne!(upgrade(cluster.node(0), &foreign).await, "ok");
+}
+
+/// A node given its peer as `localhost:PORT` resolves the name and joins:
+/// node 0 runs on 127.0.0.1, which `localhost` names. Node 0's own seed
+/// points at a port where nothing listens, so only node 1's resolved seed
+/// can bring the two together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_given_by_host_name_joins() {
+    let mut cluster = TestCluster::prepare(2, None).await;
+    let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let gossip = SocketAddr::new(ip, free_udp_port(ip));
+    let spec = &mut cluster.specs[0];
+    spec.ip = ip;
+    spec.public_ip = ip;
+    spec.gossip = gossip;
+    spec.seed = format!("localhost:{}", gossip.port());
+    let unused = SocketAddr::new(ip, free_udp_port(ip));
+    cluster.specs[1].seed = unused.to_string();
+    cluster.start_all().await;
+
+    let token = Signer::token("host-name-user");
+    let ticket = ticket_for(cluster.node(0), &token).await;
+    assert_eq!(upgrade(cluster.node(1), &ticket).await, "ok");
 }
 
 /// Returns the status and the body of a node's `/readyz`.
@@ -896,7 +919,7 @@ async fn duplicate_node_id_makes_older_node_unready() {
         ip,
         gossip,
         data_dir: dir.path().join("duplicate"),
-        seed: gossip,
+        seed: gossip.to_string(),
         admin_listen: None,
         advertise: None,
         admin_advertise: None,
@@ -1404,8 +1427,8 @@ async fn forged_forward_is_rejected() {
 
 /// A copy of a forwarded consumption with a valid MAC, sent again, is
 /// rejected by its nonce, while a new request for the same ticket is run and
-/// finds the ticket used. Without the nonce check, whoever captures a request
-/// could spend a client's ticket and read its record.
+/// finds the ticket used. Without the nonce check, an attacker who captures a
+/// request could spend a client's ticket and read its record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replayed_forward_is_rejected() {
     let cluster = TestCluster::start(1).await;
@@ -1453,8 +1476,8 @@ async fn replayed_forward_is_rejected() {
 
 /// Random 32-character tickets sent to a settled 3-node cluster are all
 /// rejected as `invalid_ticket`, also those whose last character decodes to a
-/// node index that no node runs: such a ticket cannot have been issued, so
-/// it is no reason for `ticket_home_unavailable`.
+/// node index that no node runs. Such a ticket cannot have been issued, so it
+/// is no reason for `ticket_home_unavailable`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_tickets_are_invalid_not_home_unavailable() {
     let cluster = TestCluster::start(3).await;
@@ -1465,7 +1488,7 @@ async fn random_tickets_are_invalid_not_home_unavailable() {
             .map(|_| char::from(ALPHABET[rng.below(ALPHABET.len())]))
             .collect()
     };
-    // A node answers `ticket_home_unavailable` for an index it has not seen
+    // A node returns `ticket_home_unavailable` for an index it has not seen
     // during its first seconds, while it may still be learning the members.
     // Five `invalid_ticket` in a row mean that time is over: a random ticket
     // decodes to one of the 3 live indexes only 3 times in 62.
