@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use jsonwebtoken::Algorithm;
+use wsticket::auth::cache::VerifiedCache;
 
 fn issuance(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -43,7 +44,13 @@ fn issuance(c: &mut Criterion) {
 
         group.bench_function(format!("RS256_uncached/sync_{sync}"), |b| {
             b.iter_batched(
-                || bench.state.verifier.cache().remove(&token),
+                || {
+                    bench
+                        .state
+                        .verifier
+                        .cache()
+                        .remove(&VerifiedCache::key(&token))
+                },
                 |()| issue(),
                 BatchSize::PerIteration,
             )

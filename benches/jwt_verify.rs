@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use jsonwebtoken::Algorithm;
+use wsticket::auth::cache::VerifiedCache;
 use wsticket::clock::{SharedClock, SystemClock};
 use wsticket::metrics::Metrics;
 
@@ -57,7 +58,7 @@ fn verification(c: &mut Criterion) {
 
         group.bench_function(format!("{name}/uncached"), |b| {
             b.iter_batched(
-                || verifier.cache().remove(&token),
+                || verifier.cache().remove(&VerifiedCache::key(&token)),
                 |()| {
                     runtime
                         .block_on(verifier.verify(&token))

@@ -1,7 +1,7 @@
 //! The state shared by every request handler of one server.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -45,7 +45,15 @@ pub struct AppState {
     pub audit: Arc<Audit>,
     /// The cluster membership, set once at start in cluster mode only.
     pub cluster: std::sync::OnceLock<Arc<Cluster>>,
+    /// Random start of this process's request ids.
+    request_id_base: u64,
+    /// Request ids handed out so far.
+    request_id_count: AtomicU64,
 }
+
+/// An odd multiplier, so that `count * REQUEST_ID_STEP` differs for every
+/// count below 2^64 and consecutive ids do not look alike.
+const REQUEST_ID_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl AppState {
     pub fn new(
@@ -56,6 +64,11 @@ impl AppState {
         clock: SharedClock,
     ) -> Self {
         let per_minute = NonZeroU32::new(config.rate_limit_per_minute).unwrap_or(NonZeroU32::MIN);
+        let rng = SystemRandom::new();
+        let mut base = [0u8; 8];
+        // SystemRandom only fails when the OS has no randomness at all; ids
+        // are then still unique within the process, only predictable.
+        let _ = rng.fill(&mut base);
         AppState {
             gateway: Gateway::new(&config),
             ticket_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
@@ -64,22 +77,23 @@ impl AppState {
             store,
             metrics,
             clock,
-            rng: SystemRandom::new(),
+            rng,
             readiness: Readiness::default(),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
             audit: Arc::new(Audit::new()),
             cluster: std::sync::OnceLock::new(),
+            request_id_base: u64::from_le_bytes(base),
+            request_id_count: AtomicU64::new(0),
         }
     }
 
-    /// Returns a new request id: 16 random hex characters.
+    /// Returns a new request id: 16 hex characters, unique within the
+    /// process and random across processes. Ids need not be secret, so they
+    /// come from a counter rather than from a system call per request.
     pub fn new_request_id(&self) -> String {
-        let mut bytes = [0u8; 8];
-        // SystemRandom only fails when the OS has no randomness at all; an
-        // all-zero request id is then still a usable, if unhelpful, id.
-        let _ = self.rng.fill(&mut bytes);
-        hex::encode(bytes)
+        let count = self.request_id_count.fetch_add(1, Ordering::Relaxed);
+        request_id_of(self.request_id_base, count)
     }
 
     /// Returns the client's `X-Request-Id` when it is a sane value (1 to 64
@@ -139,5 +153,33 @@ impl ReadyReport {
             && self.store_recovered
             && self.listener_bound
             && self.cluster_node_id_current != Some(false)
+    }
+}
+
+/// Returns the `count`-th request id of a process whose ids start at `base`.
+fn request_id_of(base: u64, count: u64) -> String {
+    let id = base.wrapping_add(count.wrapping_mul(REQUEST_ID_STEP));
+    format!("{id:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_distinct_hex() {
+        let base = u64::MAX - 5;
+        let ids: std::collections::HashSet<String> = (0..10_000)
+            .map(|count| request_id_of(base, count))
+            .collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(100) {
+            assert_eq!(id.len(), 16, "{id}");
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{id}"
+            );
+        }
     }
 }

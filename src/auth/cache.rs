@@ -47,7 +47,9 @@ pub struct CachedVerification {
     weight: u32,
 }
 
-type TokenHash = [u8; 32];
+/// The SHA-256 of a token: the cache key, computed once per request with
+/// [`VerifiedCache::key`].
+pub type TokenHash = [u8; 32];
 
 struct UntilExpiry(SharedClock);
 
@@ -82,21 +84,30 @@ impl VerifiedCache {
         VerifiedCache { entries, clock }
     }
 
-    /// Returns the entry of this token if it has not expired by the clock.
-    pub fn get(&self, token: &str) -> Option<Arc<CachedVerification>> {
-        let hash = hash_of(token);
-        let entry = self.entries.get(&hash)?;
+    /// Returns the cache key of a token.
+    pub fn key(token: &str) -> TokenHash {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(digest.as_ref());
+        hash
+    }
+
+    /// Returns the entry under `key` if it has not expired by the clock.
+    pub fn get(&self, key: &TokenHash) -> Option<Arc<CachedVerification>> {
+        let entry = self.entries.get(key)?;
         if self.clock.now_ms() >= entry.expires_at_ms {
-            self.entries.invalidate(&hash);
+            self.entries.invalidate(key);
             return None;
         }
         Some(entry)
     }
 
-    /// Stores a verified token until `expires_at_ms`.
+    /// Stores a verified token, of `token_len` bytes, under `key` until
+    /// `expires_at_ms`.
     pub fn insert(
         &self,
-        token: &str,
+        key: TokenHash,
+        token_len: usize,
         identity: Identity,
         verified_by: VerifiedBy,
         expires_at_ms: u64,
@@ -104,19 +115,19 @@ impl VerifiedCache {
         if expires_at_ms <= self.clock.now_ms() {
             return;
         }
-        let weight = token.len() + ENTRY_OVERHEAD_BYTES;
+        let weight = token_len + ENTRY_OVERHEAD_BYTES;
         let entry = CachedVerification {
             identity,
             verified_by,
             expires_at_ms,
             weight: u32::try_from(weight).unwrap_or(u32::MAX),
         };
-        self.entries.insert(hash_of(token), Arc::new(entry));
+        self.entries.insert(key, Arc::new(entry));
     }
 
-    /// Drops a token's entry.
-    pub fn remove(&self, token: &str) {
-        self.entries.invalidate(&hash_of(token));
+    /// Drops the entry under `key`.
+    pub fn remove(&self, key: &TokenHash) {
+        self.entries.invalidate(key);
     }
 
     /// Drops every entry verified by one of these keys of key store `store`.
@@ -137,11 +148,4 @@ impl VerifiedCache {
         self.entries.run_pending_tasks();
         self.entries.entry_count()
     }
-}
-
-fn hash_of(token: &str) -> TokenHash {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut hash = [0u8; 32];
-    hash.copy_from_slice(digest.as_ref());
-    hash
 }

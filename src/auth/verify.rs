@@ -17,7 +17,7 @@ use base64::Engine;
 use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
-use crate::auth::cache::{VerifiedBy, VerifiedCache};
+use crate::auth::cache::{TokenHash, VerifiedBy, VerifiedCache};
 use crate::auth::claims::{self, ClaimRules};
 use crate::auth::introspection::Introspector;
 use crate::auth::issuers::IssuerKeys;
@@ -124,7 +124,10 @@ impl Verifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Invalid("token larger than 16 KiB"));
         }
-        if let Some(identity) = self.cached(token) {
+        // The token is hashed once: the key serves the lookup and, after a
+        // miss, the insert.
+        let key = VerifiedCache::key(token);
+        if let Some(identity) = self.cached(&key) {
             return Ok(Verified {
                 identity,
                 cached: true,
@@ -141,8 +144,13 @@ impl Verifier {
         } else {
             self.verify_jwt(token).await?
         };
-        self.cache
-            .insert(token, identity.clone(), verified_by, expires_at_ms);
+        self.cache.insert(
+            key,
+            token.len(),
+            identity.clone(),
+            verified_by,
+            expires_at_ms,
+        );
         Ok(Verified {
             identity,
             cached: false,
@@ -151,8 +159,8 @@ impl Verifier {
 
     /// Returns the cached identity of `token`, if the entry is live and the
     /// key that verified it is still loaded.
-    fn cached(&self, token: &str) -> Option<Identity> {
-        let entry = self.cache.get(token)?;
+    fn cached(&self, key: &TokenHash) -> Option<Identity> {
+        let entry = self.cache.get(key)?;
         let key_loaded = match &entry.verified_by {
             VerifiedBy::Key { store, thumbprint } => self
                 .issuers
@@ -161,7 +169,7 @@ impl Verifier {
             VerifiedBy::Introspection => true,
         };
         if !key_loaded {
-            self.cache.remove(token);
+            self.cache.remove(key);
             return None;
         }
         Some(entry.identity.clone())
