@@ -470,10 +470,10 @@ async fn count_missing(nodes: &[ChitchatHandle], publisher: &ChitchatId, publish
     for receiver in &nodes[1..] {
         let chitchat = receiver.chitchat();
         let chitchat = chitchat.lock().await;
-        let held = chitchat
+        let received = chitchat
             .node_state(publisher)
             .map_or(0, |state| state.iter_prefix(KEY_PREFIX).count() as u64);
-        missing = missing.max(published.saturating_sub(held));
+        missing = missing.max(published.saturating_sub(received));
     }
     missing
 }

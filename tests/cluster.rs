@@ -753,6 +753,28 @@ async fn slow_forward_is_rejected_and_never_doubled() {
     let fresh = ticket_for(cluster.node(0), &token).await;
     let result = upgrade(cluster.node(1), &fresh).await;
     assert_eq!(result, "ok", "a fresh ticket after the delays were lifted");
+
+    // Forwarded, failed and late consumptions leave no ticket, token or
+    // secret in any node's log. Matches are reported by node and line
+    // number only.
+    let secret = std::fs::read_to_string(&cluster.secret_file).expect("read secret");
+    let secrets = [
+        late_answer.as_str(),
+        late_request.as_str(),
+        fresh.as_str(),
+        token.as_str(),
+        secret.trim_end(),
+    ];
+    for index in cluster.live_indexes() {
+        cluster.node(index).settle_logs().await;
+        for (number, line) in cluster.node(index).logs().iter().enumerate() {
+            let leaked = secrets.iter().any(|secret| line.contains(secret));
+            assert!(
+                !leaked,
+                "node {index} log line {number} contains a ticket, token or secret"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

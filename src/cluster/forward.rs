@@ -8,9 +8,9 @@
 //! be replayed onto another request. Requests whose timestamp is more than
 //! [`MAX_CLOCK_SKEW_MS`] off the home node's clock are rejected, and the home
 //! node remembers the nonce of every request it ran for twice that long, so
-//! a copy of a request is rejected too. Neither body is encrypted: the answer
-//! carries the ticket's record, so the admin listeners belong on a private
-//! network.
+//! a copy of a request is rejected too. Neither body is encrypted, and the
+//! response carries the ticket's record, so the admin listeners belong on a
+//! private network.
 
 use ring::hmac;
 use serde::{Deserialize, Serialize};

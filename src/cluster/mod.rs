@@ -48,8 +48,8 @@ const ADMIN_ADDR_KEY: &str = "admin_addr";
 /// request a new ticket, which a live node issues with itself as home.
 const RETRY_AFTER_HOME_UNAVAILABLE: Duration = Duration::from_secs(1);
 /// Time after start during which a ticket whose home index this node has
-/// never seen in gossip is answered `ticket_home_unavailable`, because the
-/// home may simply not have been heard of yet; later it is `invalid_ticket`.
+/// never seen in gossip gets `ticket_home_unavailable`, because the home may
+/// not have been heard of yet. Later such a ticket gets `invalid_ticket`.
 /// At least this many gossip intervals, and at least [`MIN_SETTLE`].
 const SETTLE_GOSSIP_ROUNDS: u32 = 20;
 const MIN_SETTLE: Duration = Duration::from_secs(2);
@@ -280,7 +280,7 @@ impl Cluster {
             _ => {}
         }
         let Some(admin) = self.members().await.get(&home).copied() else {
-            if !self.has_seen(home).await && self.started.elapsed() >= self.settle_time() {
+            if self.started.elapsed() >= self.settle_time() && !self.has_seen(home).await {
                 // No node with this index has been in the cluster since this
                 // node joined, so no node issued the ticket: most likely a
                 // guess. As `invalid_ticket`, it also counts against
@@ -388,21 +388,14 @@ impl Cluster {
                 return Err(RedeemError::HomeUnavailable);
             }
         };
-        let expected = forward::answer_mac(&self.config.keys.forward, &nonce, &bytes);
         if !status.is_success() {
-            // The body of an error is not signed; its message is only logged,
-            // to tell a clock skew from a wrong secret.
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|body| {
-                    body["message"]
-                        .as_str()
-                        .map(|text| text.chars().take(200).collect::<String>())
-                })
-                .unwrap_or_default();
+            // The body of an error is not signed, so its message is only
+            // logged, to tell a clock skew from a wrong secret.
+            let message = error_message(&bytes);
             tracing::warn!(event = "cluster_forward_failed", home = %admin, status = status.as_u16(), home_message = %message, "the home node rejected the forwarded consumption");
             return Err(RedeemError::HomeUnavailable);
         }
+        let expected = forward::answer_mac(&self.config.keys.forward, &nonce, &bytes);
         if !answer_mac.is_some_and(|presented| forward::mac_matches(&expected, &presented)) {
             tracing::warn!(event = "cluster_forward_failed", home = %admin, status = status.as_u16(), "the home node's response has no valid MAC");
             return Err(RedeemError::HomeUnavailable);
@@ -449,6 +442,16 @@ pub fn chitchat_config(config: &ClusterConfig, record_lifetime: Duration) -> Chi
         extra_liveness_predicate: None,
         protocol_version: chitchat::ProtocolVersion::V0,
     }
+}
+
+/// Returns the `message` of a JSON error body, cut to 200 characters, or an
+/// empty string when the body has none.
+fn error_message(body: &[u8]) -> String {
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return String::new();
+    };
+    let message = body["message"].as_str().unwrap_or_default();
+    message.chars().take(200).collect()
 }
 
 /// Returns the `Retry-After` of `ticket_home_unavailable`.

@@ -91,13 +91,10 @@ async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Respon
     // Without the task, a ticket could end up used on disk but never
     // published as used.
     let consumption = tokio::spawn({
-        let state = state.clone();
+        let store = state.store.clone();
+        let cluster = cluster.clone();
         async move {
-            let cluster = state
-                .cluster
-                .get()
-                .expect("the route filter only passes in cluster mode");
-            let result = state.store.consume(&key, request.origin.as_deref()).await;
+            let result = store.consume(&key, request.origin.as_deref()).await;
             if result.is_ok() {
                 cluster.publish(&key, Published::Used).await;
             }

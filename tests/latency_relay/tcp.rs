@@ -141,8 +141,8 @@ async fn accept_connections(
     }
 }
 
-/// Connects to `target` from the relay's own IP, so the target sees the
-/// connection come from the same loopback address as the relay.
+/// Connects to `target` from the relay's own IP, so the connection reaches
+/// the target from the same loopback address as the relay.
 async fn connect_from(ip: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = match ip {
         IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,

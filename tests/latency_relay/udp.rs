@@ -115,7 +115,7 @@ async fn relay_datagrams(
 }
 
 /// Relays the target's replies on `upstream` back to `sender` through the
-/// front socket, so the sender sees them come from the relay's address.
+/// front socket, so they reach the sender from the relay's address.
 async fn relay_replies(
     upstream: Arc<UdpSocket>,
     front: Arc<UdpSocket>,
